@@ -1,0 +1,184 @@
+"""Typed stage configs: YAML files plus ``key=value`` overrides, validated by pydantic.
+
+Every stage has one ``Config`` subclass whose defaults reproduce the paper. Nested sections
+are addressed with dots (``optim.lr=1e-5``). Unknown keys, wrong types and bad values are
+:class:`UserError` s naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+from .io import write_text
+
+C = TypeVar("C", bound="Config")
+
+
+class Config(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class OptimConfig(Config):
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate schedule after warmup"
+    )
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="fraction of steps spent warming up")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = off)")
+
+
+class TrainConfig(Config):
+    """Settings of the shared training loop."""
+
+    output_dir: str = Field("runs/train", description="folder for checkpoints, metrics and the final model")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data")
+    max_steps: int = Field(0, ge=0, description="optimizer steps to run (0 = derive from epochs)")
+    micro_batch_size: int = Field(8, ge=1, description="sequences (or pairs) per forward pass per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    seed: int = Field(42, description="seed for initialisation, data order and sampling")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision")
+    group_by_length: bool = Field(True, description="batch sequences of similar length to cut padding")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between held-out evaluations (0 = only at the end)")
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    resume: bool = Field(True, description="continue from the last checkpoint in output_dir if there is one")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="extra metric trackers besides metrics.jsonl"
+    )
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class ModelConfig(Config):
+    path: str = Field("runs/tiny-model", description="local folder or hub name of the model to start from")
+    tokenizer: str | None = Field(None, description="tokenizer folder or hub name (default: the model's)")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype the weights are loaded in")
+    trust_remote_code: bool = Field(False, description="allow code from the model repository to run")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build ``cls`` from an optional YAML file and ``key=value`` overrides (later wins)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: the top level must be a mapping of keys to values")
+        data = loaded
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+        _set_dotted(cls, data, key.strip(), _parse_value(raw))
+    try:
+        return cls.model_validate(_merge(cls().model_dump(), data))
+    except ValidationError as e:
+        raise UserError(_describe(cls, e)) from None
+
+
+def _merge(defaults: dict, data: dict) -> dict:
+    """Deep-merge user values onto the stage's defaults, so that setting one key of a section
+    keeps the stage's defaults for the others (not the section class's)."""
+    out = dict(defaults)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(cls: type[Config], data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    model: Any = cls
+    for i, part in enumerate(parts):
+        fields = model.model_fields if _is_config(model) else None
+        if fields is not None and part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            raise UserError(f"unknown config key {key!r}; valid keys at {where}: {', '.join(fields)}")
+        if i == len(parts) - 1:
+            data[part] = value
+            return
+        sub = data.get(part)
+        if not isinstance(sub, dict):
+            sub = data[part] = {}
+        data = sub
+        model = _section_type(fields[part].annotation) if fields is not None else None
+
+
+def _is_config(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _section_type(annotation: Any) -> Any:
+    """The Config class inside an annotation such as ``SubConfig`` or ``SubConfig | None``."""
+    if _is_config(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if _is_config(arg):
+                return arg
+    return None
+
+
+def _describe(cls: type[Config], err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        model: Any = cls
+        for part in e["loc"][:-1]:
+            model = _section_type(model.model_fields[part].annotation) if _is_config(model) else None
+        valid = ", ".join(model.model_fields) if _is_config(model) else "?"
+        return f"unknown config key {loc!r}; valid keys here: {valid}"
+    got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+    return f"config key {loc!r}: {e['msg']}{got}"
+
+
+# --------------------------------------------------------------------------- saving / help
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML next to a stage's output."""
+    write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def describe_options(cls: type[Config], prefix: str = "", defaults: dict | None = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf option, for ``--help``."""
+    if defaults is None:
+        defaults = cls.model_construct().model_dump(mode="json")
+    rows = []
+    for name, field in cls.model_fields.items():
+        sub = _section_type(field.annotation)
+        if sub is not None and isinstance(defaults.get(name), dict):
+            rows.extend(describe_options(sub, f"{prefix}{name}.", defaults[name]))
+        else:
+            rows.append((prefix + name, repr(defaults.get(name)), field.description or ""))
+    return rows

@@ -1,0 +1,91 @@
+"""Typed records that flow between stages; on disk each is one JSON object per line.
+
+Formats (extra fields are ignored, so HF datasets with more columns load as they are):
+
+- SFT: ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}``
+- prompt: ``{"prompt": "..." | [messages], "id"?: "...", "meta"?: {...}}``
+- preference pair: ``{"prompt": str | [messages], "chosen": str | [messages],
+  "rejected": str | [messages], "subset"?: "..."}``. The flat form (RewardBench) has strings;
+  the conversational form has message lists, where ``chosen``/``rejected`` hold the assistant
+  turn(s) and may also repeat the prompt messages in front (they are then stripped).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Message(Record):
+    role: Role
+    content: str
+
+
+Conversation = list[Message]
+
+
+class SFTExample(Record):
+    messages: Conversation = Field(min_length=1)
+    meta: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _has_assistant(cls, v: Conversation) -> Conversation:
+        if not any(m.role == "assistant" for m in v):
+            raise ValueError("needs at least one assistant message to train on")
+        return v
+
+
+class Prompt(Record):
+    prompt: str | Conversation
+    id: str | None = None
+    meta: dict[str, Any] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | Conversation) -> str | Conversation:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    def messages(self) -> list[dict[str, str]]:
+        return as_messages(self.prompt, "user")
+
+
+class PreferencePair(Record):
+    prompt: str | Conversation
+    chosen: str | Conversation
+    rejected: str | Conversation
+    subset: str | None = None
+    id: str | None = None
+    meta: dict[str, Any] | None = None
+
+    def conversations(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """(prompt messages, chosen assistant turn(s), rejected assistant turn(s))."""
+        prompt = as_messages(self.prompt, "user")
+        return prompt, _response(self.chosen, prompt), _response(self.rejected, prompt)
+
+
+def as_messages(x: str | Conversation, role: str) -> list[dict[str, str]]:
+    if isinstance(x, str):
+        return [{"role": role, "content": x}]
+    return [m.model_dump() for m in x]
+
+
+def _response(x: str | Conversation, prompt: list[dict]) -> list[dict[str, str]]:
+    msgs = as_messages(x, "assistant")
+    if len(msgs) > len(prompt) and msgs[: len(prompt)] == prompt:
+        msgs = msgs[len(prompt) :]
+    return msgs
+
+
+def response_text(x: str | Conversation) -> str:
+    """The text of a response (the last message's content for a conversation)."""
+    return x if isinstance(x, str) else x[-1].content

@@ -1,0 +1,92 @@
+"""Sampling with ``transformers.generate``: left padding, length-sorted prompt batches.
+
+Returns, for each prompt in the caller's order, ``n`` samples with their text, finish reason
+(``stop`` when an end-of-turn/stop token was produced, ``length`` when the token budget ran
+out) and token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.chat import encode_prompt
+
+
+class SamplingConfig(Config):
+    n: int = Field(8, ge=1, description="responses per prompt")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    top_k: int = Field(0, ge=0, description="top-k sampling (0 = off)")
+    max_new_tokens: int = Field(2048, ge=1, description="token budget per response")
+    batch_size: int = Field(32, ge=1, description="prompts per generate call")
+    seed: int = Field(0, description="sampling seed")
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    finish_reason: str
+    num_tokens: int
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig,
+                progress: bool = True) -> list[list[Sample]]:
+    """``cfg.n`` samples for each prompt (a message list), in the order of ``prompts``."""
+    model.eval()
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    results: list[list[Sample]] = [[] for _ in prompts]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(prompts) * cfg.n, desc="generate", disable=not progress, dynamic_ncols=True)
+    for b in range(0, len(order), cfg.batch_size):
+        idx = order[b : b + cfg.batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]) :] = 1
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        greedy = cfg.temperature == 0  # n identical samples: decode once, repeat
+        sampling = {"do_sample": False, "top_k": None, "top_p": None} if greedy else {
+            "do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "top_k": cfg.top_k or None}
+        copies = 1 if greedy else cfg.n
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device),
+            max_new_tokens=cfg.max_new_tokens, num_return_sequences=copies,
+            eos_token_id=stops, pad_token_id=pad, **sampling,
+        )[:, width:].cpu()
+        for r, row in enumerate(out.tolist()):
+            sample = _sample(tokenizer, row, stops, cfg.max_new_tokens)
+            results[idx[r // copies]].extend([sample] * (cfg.n // copies))
+        bar.update(len(idx) * cfg.n)
+    bar.close()
+    return results
+
+
+def _sample(tokenizer, tokens: list[int], stops: list[int], budget: int) -> Sample:
+    end = next((t for t, tok in enumerate(tokens) if tok in stops), None)
+    if end is None:
+        kept, reason = tokens[:budget], "length"
+    else:
+        kept, reason = tokens[:end], "stop"
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Sample(text, reason, len(kept) + (reason == "stop"))

@@ -1,0 +1,62 @@
+"""Atomic file writes and JSON Lines helpers.
+
+Every artifact another stage depends on is written to a temporary file in the same folder
+and renamed into place, so a crash never leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w"):
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Write one JSON object per line (dataclasses and pydantic models are converted)."""
+    n = 0
+    with atomic_open(path) as f:
+        for rec in records:
+            f.write(json.dumps(to_jsonable(rec), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def to_jsonable(rec: Any) -> Any:
+    if hasattr(rec, "model_dump"):
+        return rec.model_dump(exclude_none=True)
+    if hasattr(rec, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(rec)
+    return rec

@@ -1,0 +1,1 @@
+"""Model construction and loading: tiny local models for tests and the demo."""
