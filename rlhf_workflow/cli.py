@@ -23,12 +23,26 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "demo": Command("demo:DemoConfig", "demo:run_demo",
+                    "the workflow on the built-in sandbox, end to end, resumable"),
     "init-model": Command("models.tiny:InitModelConfig", "models.tiny:init_model",
                           "build a tiny HF model + tokenizer from a config (tests, demo)"),
     "sandbox make-data": Command("sandbox.generate:MakeDataConfig", "sandbox.generate:make_data",
                                  "write the sandbox prompts, SFT data and preference pairs"),
     "sft": Command("training.sft:SFTConfig", "training.sft:run_sft",
                    "supervised fine-tuning on chat data (assistant tokens only)"),
+    "rm train": Command("reward.bt:RMTrainConfig", "reward.bt:run_rm_train",
+                        "train a Bradley-Terry reward model on preference pairs"),
+    "rm score": Command("reward.bt:RMScoreConfig", "reward.bt:run_rm_score",
+                        "score responses (rollouts or pairs) with a reward model"),
+    "rm eval": Command("reward.bench:RMEvalConfig", "reward.bench:run_rm_eval",
+                       "RewardBench-style accuracy of a reward model on a pair file"),
+    "pm train": Command("reward.pm:PMTrainConfig", "reward.pm:run_pm_train",
+                        "train a pairwise preference model (emits A or B)"),
+    "pm eval": Command("reward.bench:PMEvalConfig", "reward.bench:run_pm_eval",
+                       "RewardBench-style accuracy of a preference model on a pair file"),
+    "dpo": Command("training.dpo:DPOConfig", "training.dpo:run_dpo",
+                   "DPO (and IPO, hinge, RPO, SimPO) on preference pairs"),
     "eval policy": Command("evaluation.policy:EvalPolicyConfig", "evaluation.policy:run_eval_policy",
                            "sample a policy on sandbox prompts and report the gold reward"),
 }

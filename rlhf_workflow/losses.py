@@ -25,3 +25,23 @@ def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Per-sequence log-probability of the target tokens, (B, T, V) x (B, T) -> (B,).
+
+    Summed over the positions whose target is not -100 (the response tokens), or averaged
+    over them with ``average`` (SimPO-style length normalisation).
+    """
+    mask = targets != IGNORE
+    logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    total = (logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Bradley-Terry reward-model loss per pair, ``-log sigmoid(r_c - r_r - margin)``, (N,).
+
+    Ouyang et al. 2022; the margin term is Llama-2's (Touvron et al. 2023), 0 by default.
+    """
+    return -F.logsigmoid(chosen.float() - rejected.float() - margin)
