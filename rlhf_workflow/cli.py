@@ -43,6 +43,10 @@ COMMANDS: dict[str, Command] = {
                        "RewardBench-style accuracy of a preference model on a pair file"),
     "dpo": Command("training.dpo:DPOConfig", "training.dpo:run_dpo",
                    "DPO (and IPO, hinge, RPO, SimPO) on preference pairs"),
+    "generate": Command("online.generate:GenerateConfig", "online.generate:run_generate",
+                        "sample n responses per prompt (transformers or vLLM), resumable"),
+    "pairs": Command("online.pairs:PairsConfig", "online.pairs:run_pairs",
+                     "one preference pair per prompt from scored rollouts (max_min, ...)"),
     "eval policy": Command("evaluation.policy:EvalPolicyConfig", "evaluation.policy:run_eval_policy",
                            "sample a policy on sandbox prompts and report the gold reward"),
 }
@@ -111,13 +115,18 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+ALIASES = {"in": "input"}  # `--in FILE` (a Python keyword) sets the `input` option
+
+
 def _flags_to_overrides(args: list[str]) -> list[str]:
     """Turn ``--key value`` and ``--key=value`` into ``key=value`` (``--config`` stays)."""
     out, i = [], 0
     while i < len(args):
         a = args[i]
         if a.startswith("--") and a not in ("--config", "--help") and not a.startswith("--config="):
-            key = a[2:].replace("-", "_") if "=" not in a else a[2:]
+            name, eq, value = a[2:].partition("=")
+            name = ALIASES.get(name, name.replace("-", "_"))
+            key = f"{name}={value}" if eq else name
             if "=" in key:
                 out.append(key)
             elif i + 1 < len(args) and not args[i + 1].startswith("--"):

@@ -28,8 +28,8 @@ from .training.sft import SFTConfig, SFTDataConfig, run_sft
 SANDBOX_SFT = SFTConfig(
     model=ModelConfig(path="(set by the demo)"),
     data=SFTDataConfig(train="(set by the demo)", max_length=256),
-    optim=OptimConfig(lr=2e-3, warmup_ratio=0.05),
-    train=TrainConfig(output_dir="(set by the demo)", epochs=4, micro_batch_size=16, log_every=20),
+    optim=OptimConfig(lr=3e-3, warmup_ratio=0.05),
+    train=TrainConfig(output_dir="(set by the demo)", epochs=10, micro_batch_size=16, log_every=20),
 )
 
 
@@ -37,11 +37,10 @@ class DemoConfig(Config):
     out: str = Field("runs/demo", description="run directory of the demo")
     seed: int = Field(0, description="seed of the data, the model initialisation and training")
     data: MakeDataConfig = MakeDataConfig()
-    model: InitModelConfig = InitModelConfig(hidden_size=192, num_layers=4, num_heads=6,
-                                             num_kv_heads=2, intermediate_size=512)
+    model: InitModelConfig = InitModelConfig()
     sft: SFTConfig = SANDBOX_SFT
     eval: SamplingConfig = Field(
-        SamplingConfig(n=1, temperature=1.0, max_new_tokens=64, batch_size=100),
+        SamplingConfig(n=4, temperature=1.0, max_new_tokens=64, batch_size=100),
         description="sampling for the gold evaluation on held-out prompts",
     )
 

@@ -89,3 +89,18 @@ def _response(x: str | Conversation, prompt: list[dict]) -> list[dict[str, str]]
 def response_text(x: str | Conversation) -> str:
     """The text of a response (the last message's content for a conversation)."""
     return x if isinstance(x, str) else x[-1].content
+
+
+class Rollout(Record):
+    """A prompt with n sampled responses; ``rewards`` is filled in by annotation."""
+
+    prompt: str | Conversation
+    responses: list[str] = Field(min_length=1)
+    id: str | None = None
+    meta: dict[str, Any] | None = None
+    finish_reasons: list[Literal["stop", "length"]] | None = None
+    num_tokens: list[int] | None = None
+    rewards: list[float] | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        return as_messages(self.prompt, "user")

@@ -162,7 +162,7 @@ def train(
                     f.write(json.dumps(record) + "\n")
             if cfg.report_to:
                 acc.log(record, step=step + 1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
             _save_checkpoint(acc, out, step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)

@@ -1,0 +1,1 @@
+"""The online iterative loop: generate -> annotate -> select pairs -> DPO -> evaluate."""

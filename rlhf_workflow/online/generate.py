@@ -1,0 +1,170 @@
+"""``rlhf generate``: n responses per prompt from the current policy, checkpointed in chunks.
+
+Prompts are streamed in chunks of ``chunk_size``; each finished chunk is written atomically
+to ``<out>.parts/``, so a crash loses at most one chunk and a re-run continues. Under
+``accelerate launch`` chunk i goes to process ``i % world_size`` (every prompt is generated
+exactly once, however uneven the split) and the main process joins the parts in prompt
+order. Each chunk samples with seed ``sampling.seed + i``, so the rollouts do not depend on
+the number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from ..config import Config, ModelConfig, save_config
+from ..data.readers import iter_records
+from ..data.records import Prompt
+from ..generation.hf import Sample, SamplingConfig
+from ..io import atomic_open, write_jsonl
+
+Generator = Callable[[list[list[dict]], SamplingConfig], list[list[Sample]]]
+
+
+class VLLMConfig(Config):
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of device memory vLLM may use")
+    tensor_parallel_size: int = Field(1, ge=1, description="devices one engine spans")
+    max_model_len: int | None = Field(None, description="context length of the engine (default: the model's)")
+    enforce_eager: bool = Field(False, description="disable CUDA graphs (faster start, slower decode)")
+    engines: int = Field(1, ge=0, description="engines, one per GPU, prompts sharded across them (0 = one per visible GPU)")
+
+
+class GenerateConfig(Config):
+    model: ModelConfig = ModelConfig(path="RLHFlow/LLaMA3-SFT")
+    input: str = Field("prompts.jsonl", description="prompt records (JSONL/parquet/hub dataset)")
+    out: str = Field("rollouts.jsonl", description="rollouts to write")
+    backend: Literal["hf", "vllm"] = Field("hf", description="transformers (CPU/GPU) or vLLM")
+    sampling: SamplingConfig = SamplingConfig(n=8, temperature=1.0, max_new_tokens=2048)
+    chunk_size: int = Field(256, ge=1, description="prompts per checkpointed chunk")
+    limit: int = Field(0, ge=0, description="only the first N prompts (0 = all)")
+    vllm: VLLMConfig = VLLMConfig()
+    shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="k/N: only chunks i with i % N == k (set for engine workers)")
+
+
+def make_generator(cfg: GenerateConfig, device: str | None = None) -> Generator:
+    """Load the policy once; return a function mapping prompts to samples."""
+    if cfg.backend == "vllm":
+        from ..generation.vllm import make_vllm_generator
+
+        return make_vllm_generator(cfg.model, cfg.vllm)
+    from ..generation.hf import generate_hf
+    from ..models.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    if device:
+        model.to(device)
+    return lambda prompts, sampling: generate_hf(model, tokenizer, prompts, sampling, progress=False)
+
+
+def chunks(records: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
+    while batch := list(islice(records, size)):
+        yield batch
+
+
+def rollout_records(prompts: list[Prompt], samples: list[list[Sample]]) -> list[dict]:
+    out = []
+    for p, group in zip(prompts, samples, strict=True):
+        rec = {"id": p.id, "prompt": p.model_dump()["prompt"], "meta": p.meta,
+               "responses": [s.text for s in group],
+               "finish_reasons": [s.finish_reason for s in group],
+               "num_tokens": [s.num_tokens for s in group]}
+        out.append({k: v for k, v in rec.items() if v is not None})
+    return out
+
+
+def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Path:
+    from accelerate import PartialState
+
+    out = Path(cfg.out)
+    if out.exists():
+        print(f"generate: {out} exists already")
+        return out
+    state = PartialState()
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    engines = (cfg.vllm.engines or _visible_gpus()) if cfg.backend == "vllm" else 1
+    if state.is_main_process and cfg.shard is None:
+        save_config(cfg, out.with_suffix(".config.yaml"))
+    if cfg.shard is None and engines > 1:
+        _run_engines(cfg, engines, out.with_suffix(".config.yaml"))
+        n_chunks = sum(1 for _ in chunks(_prompts(cfg), cfg.chunk_size))
+    else:
+        rank, world = (map(int, cfg.shard.split("/")) if cfg.shard
+                       else (state.process_index, state.num_processes))
+        n_chunks = _generate_chunks(cfg, parts, rank, world, generator, state)
+        state.wait_for_everyone()
+        if cfg.shard:
+            return out  # an engine worker: the launcher joins the parts
+    if state.is_main_process:
+        _join(parts, n_chunks, out)
+        shutil.rmtree(parts)
+        print(f"generate: {n_chunks} chunk(s), {cfg.sampling.n} responses per prompt -> {out}")
+    state.wait_for_everyone()
+    return out
+
+
+def _prompts(cfg: GenerateConfig) -> Iterator[Prompt]:
+    records = iter_records(cfg.input, Prompt)
+    return islice(records, cfg.limit) if cfg.limit else records
+
+
+def _generate_chunks(cfg, parts: Path, rank: int, world: int, generator, state) -> int:
+    n_chunks = 0
+    bar = tqdm(desc="generate (prompts)", unit="prompt", disable=rank != 0, dynamic_ncols=True)
+    for i, batch in enumerate(chunks(_prompts(cfg), cfg.chunk_size)):
+        n_chunks = i + 1
+        part = parts / f"chunk-{i:06d}.jsonl"
+        if i % world != rank or part.exists():
+            bar.update(len(batch))
+            continue
+        if generator is None:
+            device = str(state.device) if state.num_processes > 1 else None
+            generator = make_generator(cfg, device=device)
+        sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + i})
+        samples = generator([p.messages() for p in batch], sampling)
+        write_jsonl(part, rollout_records(batch, samples))
+        bar.update(len(batch))
+    bar.close()
+    return n_chunks
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def _run_engines(cfg: GenerateConfig, engines: int, config_path: Path) -> None:
+    """One worker process per GPU (CUDA_VISIBLE_DEVICES=k), each on chunks i % engines == k."""
+    import subprocess
+    import sys
+
+    procs = []
+    for k in range(engines):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(k)}
+        cmd = [sys.executable, "-m", "rlhf_workflow.cli", "generate", "--config", str(config_path),
+               f"shard={k}/{engines}"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    failed = [k for k, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"generate: engine worker(s) {failed} failed; re-run to continue")
+
+
+def _join(parts: Path, n_chunks: int, out: Path) -> None:
+    missing = [i for i in range(n_chunks) if not (parts / f"chunk-{i:06d}.jsonl").exists()]
+    if missing:
+        raise RuntimeError(f"generate: chunks {missing[:5]} are missing from {parts}")
+    with atomic_open(out) as f:
+        for i in range(n_chunks):
+            with (parts / f"chunk-{i:06d}.jsonl").open() as src:
+                shutil.copyfileobj(src, f)
+
+

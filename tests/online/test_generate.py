@@ -1,0 +1,63 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_workflow.cli import main
+from rlhf_workflow.config import load_config
+from rlhf_workflow.data.readers import read_records
+from rlhf_workflow.data.records import Prompt, Rollout
+from rlhf_workflow.online.generate import GenerateConfig, make_generator, run_generate
+
+
+def _args(tiny_model, sandbox_data, out, *extra):
+    return [f"model.path={tiny_model}", f"input={sandbox_data / 'prompts_eval.jsonl'}", f"out={out}",
+            "sampling.n=3", "sampling.max_new_tokens=8", "chunk_size=7", "limit=20", *extra]
+
+
+def test_generate_cli_writes_every_prompt_once(tiny_model, sandbox_data, tmp_path):
+    out = tmp_path / "rollouts.jsonl"
+    assert main(["generate", *_args(tiny_model, sandbox_data, out)]) == 0
+    rollouts = read_records(out, Rollout)
+    prompts = read_records(sandbox_data / "prompts_eval.jsonl", Prompt)[:20]
+    assert [r.id for r in rollouts] == [p.id for p in prompts]  # every prompt once, in order
+    for r in rollouts:
+        assert len(r.responses) == 3 and len(r.finish_reasons) == 3 and r.meta["skill"]
+        assert all(0 < n <= 8 for n in r.num_tokens)
+    assert not (tmp_path / "rollouts.jsonl.parts").exists()
+
+
+def test_crash_mid_stage_loses_at_most_one_chunk(tiny_model, sandbox_data, tmp_path):
+    cfg = load_config(GenerateConfig, None, _args(tiny_model, sandbox_data, tmp_path / "full.jsonl"))
+    run_generate(cfg)
+    crashing = load_config(GenerateConfig, None, _args(tiny_model, sandbox_data, tmp_path / "r.jsonl"))
+    real, calls = make_generator(crashing), []
+
+    def flaky(prompts, sampling):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(prompts, sampling)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(crashing, generator=flaky)
+    assert sorted(p.name for p in (tmp_path / "r.jsonl.parts").iterdir()) == [
+        "chunk-000000.jsonl", "chunk-000001.jsonl"]
+    calls.clear()
+    run_generate(crashing, generator=flaky)
+    assert calls == [6]  # only the third chunk (prompts 14..19) was generated again
+    assert (tmp_path / "r.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+def test_two_processes_give_the_same_rollouts(tiny_model, sandbox_data, tmp_path):
+    single = tmp_path / "one.jsonl"
+    assert main(["generate", *_args(tiny_model, sandbox_data, single)]) == 0
+    double = tmp_path / "two.jsonl"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rlhf_workflow.cli", "generate", *_args(tiny_model, sandbox_data, double)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert double.read_text() == single.read_text()
