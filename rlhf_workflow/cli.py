@@ -45,8 +45,12 @@ COMMANDS: dict[str, Command] = {
                    "DPO (and IPO, hinge, RPO, SimPO) on preference pairs"),
     "generate": Command("online.generate:GenerateConfig", "online.generate:run_generate",
                         "sample n responses per prompt (transformers or vLLM), resumable"),
+    "annotate": Command("online.annotate:AnnotateConfig", "online.annotate:run_annotate",
+                        "reward every response with a BT reward model or a pairwise PM"),
     "pairs": Command("online.pairs:PairsConfig", "online.pairs:run_pairs",
                      "one preference pair per prompt from scored rollouts (max_min, ...)"),
+    "loop": Command("online.loop:LoopConfig", "online.loop:run_loop",
+                    "online iterative DPO: generate, annotate, pairs, DPO, evaluate; resumable"),
     "eval policy": Command("evaluation.policy:EvalPolicyConfig", "evaluation.policy:run_eval_policy",
                            "sample a policy on sandbox prompts and report the gold reward"),
 }

@@ -11,20 +11,18 @@ the number of processes.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from ..config import Config, ModelConfig, save_config
 from ..data.readers import iter_records
 from ..data.records import Prompt
 from ..generation.hf import Sample, SamplingConfig
-from ..io import atomic_open, write_jsonl
+from .chunks import chunks, join_parts, process_chunks
 
 Generator = Callable[[list[list[dict]], SamplingConfig], list[list[Sample]]]
 
@@ -64,11 +62,6 @@ def make_generator(cfg: GenerateConfig, device: str | None = None) -> Generator:
     return lambda prompts, sampling: generate_hf(model, tokenizer, prompts, sampling, progress=False)
 
 
-def chunks(records: Iterator[Prompt], size: int) -> Iterator[list[Prompt]]:
-    while batch := list(islice(records, size)):
-        yield batch
-
-
 def rollout_records(prompts: list[Prompt], samples: list[list[Sample]]) -> list[dict]:
     out = []
     for p, group in zip(prompts, samples, strict=True):
@@ -88,8 +81,6 @@ def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Pat
         print(f"generate: {out} exists already")
         return out
     state = PartialState()
-    parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
     engines = (cfg.vllm.engines or _visible_gpus()) if cfg.backend == "vllm" else 1
     if state.is_main_process and cfg.shard is None:
         save_config(cfg, out.with_suffix(".config.yaml"))
@@ -99,13 +90,12 @@ def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Pat
     else:
         rank, world = (map(int, cfg.shard.split("/")) if cfg.shard
                        else (state.process_index, state.num_processes))
-        n_chunks = _generate_chunks(cfg, parts, rank, world, generator, state)
+        n_chunks = _generate_chunks(cfg, out, rank, world, generator, state)
         state.wait_for_everyone()
         if cfg.shard:
             return out  # an engine worker: the launcher joins the parts
     if state.is_main_process:
-        _join(parts, n_chunks, out)
-        shutil.rmtree(parts)
+        join_parts(out, n_chunks)
         print(f"generate: {n_chunks} chunk(s), {cfg.sampling.n} responses per prompt -> {out}")
     state.wait_for_everyone()
     return out
@@ -116,24 +106,16 @@ def _prompts(cfg: GenerateConfig) -> Iterator[Prompt]:
     return islice(records, cfg.limit) if cfg.limit else records
 
 
-def _generate_chunks(cfg, parts: Path, rank: int, world: int, generator, state) -> int:
-    n_chunks = 0
-    bar = tqdm(desc="generate (prompts)", unit="prompt", disable=rank != 0, dynamic_ncols=True)
-    for i, batch in enumerate(chunks(_prompts(cfg), cfg.chunk_size)):
-        n_chunks = i + 1
-        part = parts / f"chunk-{i:06d}.jsonl"
-        if i % world != rank or part.exists():
-            bar.update(len(batch))
-            continue
-        if generator is None:
-            device = str(state.device) if state.num_processes > 1 else None
-            generator = make_generator(cfg, device=device)
+def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, state) -> int:
+    loaded = [generator]
+
+    def fn(i: int, batch: list[Prompt]) -> list[dict]:
+        if loaded[0] is None:
+            loaded[0] = make_generator(cfg, str(state.device) if state.num_processes > 1 else None)
         sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + i})
-        samples = generator([p.messages() for p in batch], sampling)
-        write_jsonl(part, rollout_records(batch, samples))
-        bar.update(len(batch))
-    bar.close()
-    return n_chunks
+        return rollout_records(batch, loaded[0]([p.messages() for p in batch], sampling))
+
+    return process_chunks(_prompts(cfg), out, cfg.chunk_size, rank, world, fn, "generate")
 
 
 def _visible_gpus() -> int:
@@ -156,15 +138,3 @@ def _run_engines(cfg: GenerateConfig, engines: int, config_path: Path) -> None:
     failed = [k for k, p in enumerate(procs) if p.wait() != 0]
     if failed:
         raise RuntimeError(f"generate: engine worker(s) {failed} failed; re-run to continue")
-
-
-def _join(parts: Path, n_chunks: int, out: Path) -> None:
-    missing = [i for i in range(n_chunks) if not (parts / f"chunk-{i:06d}.jsonl").exists()]
-    if missing:
-        raise RuntimeError(f"generate: chunks {missing[:5]} are missing from {parts}")
-    with atomic_open(out) as f:
-        for i in range(n_chunks):
-            with (parts / f"chunk-{i:06d}.jsonl").open() as src:
-                shutil.copyfileobj(src, f)
-
-

@@ -1,0 +1,103 @@
+"""``rlhf annotate``: a reward for every response of every rollout.
+
+``kind: bt`` scores each response with a Bradley-Terry reward model (length-sorted batches);
+``kind: pm`` ranks the n responses of a prompt with a pairwise preference model (knockout
+tournament or round robin), whose scores order the responses for pair selection. A response
+that hit the token limit without stopping can be penalised (``truncation_penalty``).
+Chunked and sharded like ``rlhf generate``: a crash loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import Config, save_config
+from ..data.readers import iter_records
+from ..data.records import Rollout
+from .chunks import join_parts, process_chunks
+
+Scorer = Callable[[list[Rollout]], list[list[float]]]
+
+
+class AnnotatorConfig(Config):
+    path: str = Field("sfairXC/FsfairX-LLaMA3-RM-v0.1", description="reward model (bt) or preference model (pm)")
+    kind: Literal["bt", "pm"] = Field("bt", description="Bradley-Terry scores or pairwise-preference ranking")
+    pm_mode: Literal["tournament", "round_robin"] = Field("tournament", description="PM ranking of the n responses")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="dtype of the scoring model")
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    max_length: int = Field(4096, ge=8, description="tokens per scored sequence (prompt cut first)")
+    truncation_penalty: float = Field(0.0, ge=0, description="subtracted from responses that hit the token limit")
+
+
+class AnnotateConfig(Config):
+    input: str = Field("rollouts.jsonl", description="rollouts from `rlhf generate`")
+    out: str = Field("scored.jsonl", description="rollouts with rewards")
+    annotator: AnnotatorConfig = AnnotatorConfig()
+    chunk_size: int = Field(256, ge=1, description="prompts per checkpointed chunk")
+
+
+def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
+    """Load the annotator once; return a function from rollouts to per-response rewards."""
+    if cfg.kind == "bt":
+        from ..reward.bt import load_reward_model, score
+
+        model, tok = load_reward_model(cfg.path, cfg.dtype, device)
+
+        def bt(rollouts: list[Rollout]) -> list[list[float]]:
+            flat = [(ro.messages(), r) for ro in rollouts for r in ro.responses]
+            rewards = iter(score(model, tok, [p for p, _ in flat], [r for _, r in flat],
+                                 cfg.batch_size, cfg.max_length, progress=False))
+            return [[next(rewards) for _ in ro.responses] for ro in rollouts]
+
+        return bt
+    from ..reward.pm import load_preference_model
+    from ..reward.ranking import rank_with_pm
+
+    model, tok = load_preference_model(cfg.path, cfg.dtype, device)
+
+    def pm(rollouts: list[Rollout]) -> list[list[float]]:
+        ranks = rank_with_pm(model, tok, [ro.messages() for ro in rollouts],
+                             [ro.responses for ro in rollouts], cfg.pm_mode, cfg.batch_size, cfg.max_length)
+        return [list(r.scores) for r in ranks]
+
+    return pm
+
+
+def annotate_records(rollouts: list[Rollout], rewards: list[list[float]], penalty: float) -> list[dict]:
+    out = []
+    for ro, rs in zip(rollouts, rewards, strict=True):
+        reasons = ro.finish_reasons or ["stop"] * len(rs)
+        rs = [r - penalty * (why == "length") for r, why in zip(rs, reasons, strict=True)]
+        out.append({**ro.model_dump(exclude_none=True), "rewards": rs})
+    return out
+
+
+def run_annotate(cfg: AnnotateConfig, scorer: Scorer | None = None) -> Path:
+    from accelerate import PartialState
+
+    out = Path(cfg.out)
+    if out.exists():
+        print(f"annotate: {out} exists already")
+        return out
+    state = PartialState()
+    if state.is_main_process:
+        save_config(cfg, out.with_suffix(".config.yaml"))
+    loaded = [scorer]
+
+    def fn(i: int, batch: list[Rollout]) -> list[dict]:
+        if loaded[0] is None:
+            loaded[0] = make_scorer(cfg.annotator, str(state.device))
+        return annotate_records(batch, loaded[0](batch), cfg.annotator.truncation_penalty)
+
+    n_chunks = process_chunks(iter_records(cfg.input, Rollout), out, cfg.chunk_size,
+                              state.process_index, state.num_processes, fn, "annotate")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        join_parts(out, n_chunks)
+        print(f"annotate: {cfg.annotator.kind} rewards for {n_chunks} chunk(s) -> {out}")
+    state.wait_for_everyone()
+    return out

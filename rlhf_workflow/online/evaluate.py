@@ -1,0 +1,113 @@
+"""Evaluation of each policy of the online loop.
+
+On held-out prompts (``eval.prompts``), with the same sampling seed for every policy:
+mean reward under the annotating reward model, mean length, end-of-turn rate, the gold
+reward when the prompts carry sandbox ``meta``, and a Monte-Carlo estimate of
+KL(pi_t || pi_0) = E_{y ~ pi_t}[log pi_t(y|x) - log pi_0(y|x)] from the same samples (exact in
+expectation at temperature 1 without top-k/top-p). From the iteration's own scored rollouts
+(samples of pi_{t-1}): their mean and best-of-n reward, and how many pairs were kept.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..data.batching import collate_rows
+from ..data.pairs import tokenize_response
+from ..data.readers import iter_records, read_records
+from ..data.records import Prompt, Rollout
+from ..evaluation.policy import gold_metrics
+from ..generation.hf import SamplingConfig, generate_hf
+from ..losses import sequence_logps
+from ..models.loading import load_model, load_tokenizer
+
+
+@torch.no_grad()
+def response_logps(model, tokenizer, prompts: list[list[dict]], responses: list[str],
+                   batch_size: int = 16, max_length: int = 4096) -> list[float]:
+    """log pi(response | prompt), summed over the response tokens (end-of-turn included)."""
+    model.eval()
+    seqs = [tokenize_response(tokenizer, p, [{"role": "assistant", "content": r}], max_length)[0]
+            for p, r in zip(prompts, responses, strict=True)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for b in range(0, len(seqs), batch_size):
+        batch = collate_rows([[(s.input_ids, s.targets())] for s in seqs[b : b + batch_size]], pad)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=(batch["seq_ids"] > 0).long().to(device)).logits
+        out.extend(sequence_logps(logits, batch["targets"].to(device)).tolist())
+    return out
+
+
+def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator,
+                       seed: int, iteration_dir: Path | None) -> dict:
+    metrics: dict = {}
+    if iteration_dir is not None:
+        metrics.update(_rollout_stats(iteration_dir))
+    if eval_cfg.prompts:
+        metrics.update(_held_out(policy, sft, model_cfg, eval_cfg, annotator, seed))
+    return metrics
+
+
+def _rollout_stats(d: Path) -> dict:
+    rewards = [ro.rewards for ro in iter_records(d / "scored.jsonl", Rollout)]
+    flat = [r for rs in rewards for r in rs]
+    stats = json.loads((d / "pairs.stats.json").read_text())
+    return {"rollout_rm_reward": sum(flat) / len(flat),
+            "rollout_best_of_n": sum(max(rs) for rs in rewards) / len(rewards),
+            "pairs": stats["pairs"], "dropped_ties": stats["dropped_ties"]}
+
+
+def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator, seed: int) -> dict:
+    prompts = read_records(eval_cfg.prompts, Prompt)
+    prompts = prompts[: eval_cfg.limit] if eval_cfg.limit else prompts
+    messages = [p.messages() for p in prompts]
+    sampling: SamplingConfig = eval_cfg.sampling.model_copy(update={"seed": seed})
+    spec = model_cfg.model_copy(update={"path": policy})
+    model, tok = _load(spec)
+    samples = generate_hf(model, tok, messages, sampling)
+    flat_p = [m for m, group in zip(messages, samples, strict=True) for _ in group]
+    flat_r = [s.text for group in samples for s in group]
+    out = {"mean_tokens": _mean([s.num_tokens for g in samples for s in g]),
+           "mean_chars": _mean([len(t) for t in flat_r]),
+           "eos_rate": _mean([s.finish_reason == "stop" for g in samples for s in g])}
+    if eval_cfg.kl:
+        lp = response_logps(model, tok, flat_p, flat_r)
+        del model
+        ref, _ = _load(spec.model_copy(update={"path": sft}))
+        out["kl"] = _mean([a - b for a, b in zip(lp, response_logps(ref, tok, flat_p, flat_r), strict=True)])
+        del ref
+    else:
+        del model
+    gc.collect()
+    if annotator.kind == "bt":
+        from ..reward.bt import load_reward_model, score
+
+        rm, rm_tok = load_reward_model(annotator.path, annotator.dtype)
+        rewards = score(rm, rm_tok, flat_p, flat_r, annotator.batch_size, annotator.max_length, progress=False)
+        per_prompt = [rewards[i : i + sampling.n] for i in range(0, len(rewards), sampling.n)]
+        out.update(rm_reward=_mean(rewards), rm_best_of_n=_mean([max(g) for g in per_prompt]))
+        del rm
+        gc.collect()
+    if all(p.meta and "skill" in p.meta for p in prompts):
+        gold = gold_metrics(prompts, samples)
+        out.update(gold_reward=gold["gold_reward"], accuracy=gold["accuracy"], per_skill=gold["per_skill"])
+    return out
+
+
+def _load(spec: ModelConfig):
+    model, tok = load_model(spec), load_tokenizer(spec)
+    if torch.cuda.is_available():
+        model.cuda()
+    return model, tok
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")

@@ -1,0 +1,235 @@
+"""``rlhf loop``: online iterative DPO (RECIPE.md, section 3) as one resumable command.
+
+For t = 1..T: take a fresh slice of the prompt pool, sample n responses per prompt from
+pi_{t-1}, reward them, pick one pair per prompt, run DPO from pi_{t-1} against the
+reference (the SFT model pi_0 by default, or pi_{t-1}), and evaluate pi_t. The run
+directory records every completed stage in ``state.json``; re-running the same command
+continues at the first incomplete stage (generation, annotation and DPO also resume inside
+a stage). Layout::
+
+    runs/NAME/config.yaml  state.json  summary.json  summary.md
+    runs/NAME/iter_0/metrics.json                   (the SFT policy)
+    runs/NAME/iter_k/prompts.jsonl rollouts.jsonl scored.jsonl pairs.jsonl dpo/ metrics.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field
+
+from ..config import Config, ModelConfig, TrainConfig, save_config
+from ..data.readers import iter_records
+from ..data.records import Prompt, Rollout
+from ..errors import UserError
+from ..generation.hf import SamplingConfig
+from ..io import write_json, write_jsonl, write_text
+from ..training.dpo import DPOConfig, DPODataConfig, run_dpo
+from .annotate import AnnotateConfig, run_annotate
+from .evaluate import evaluate_iteration
+from .generate import GenerateConfig, run_generate
+from .pairs import SelectConfig, build_pairs
+
+SET = "(set by the loop)"
+STAGES = ("prompts", "generate", "annotate", "pairs", "dpo", "eval")
+
+
+class PromptPoolConfig(Config):
+    source: str = Field("RLHFlow/iterative-prompt-v1-iter1-20K", description="prompt pool: file or hub dataset")
+    split: str = Field("train", description="split, for hub datasets")
+    per_iteration: int = Field(20000, ge=1, description="fresh prompts per iteration (disjoint slices)")
+
+
+class LoopEvalConfig(Config):
+    prompts: str | None = Field(None, description="held-out prompts to evaluate each policy on (None = skip)")
+    limit: int = Field(500, ge=0, description="evaluate on the first N held-out prompts (0 = all)")
+    sampling: SamplingConfig = SamplingConfig(n=4, temperature=1.0, max_new_tokens=2048)
+    kl: bool = Field(True, description="estimate KL(pi_t || pi_0) from the sampled responses")
+
+
+class LoopConfig(Config):
+    out: str = Field("runs/online", description="run directory")
+    seed: int = Field(42, description="seed of the prompt slices, sampling, pair selection and DPO")
+    iterations: int = Field(3, ge=1, description="online iterations T")
+    policy: ModelConfig = ModelConfig(path="RLHFlow/LLaMA3-SFT")
+    reference: Literal["sft", "previous"] = Field("sft", description="DPO reference: pi_0 (SFT) or pi_{t-1}")
+    prompts: PromptPoolConfig = PromptPoolConfig()
+    generate: GenerateConfig = GenerateConfig(model=ModelConfig(path=SET), input=SET, out=SET)
+    annotate: AnnotateConfig = AnnotateConfig(input=SET, out=SET)
+    select: SelectConfig = SelectConfig()
+    dpo: DPOConfig = DPOConfig(model=ModelConfig(path=SET), reference=SET, data=DPODataConfig(train=SET),
+                               train=TrainConfig(output_dir=SET, epochs=2, micro_batch_size=8,
+                                                 grad_accum=16, save_every=50))
+    eval: LoopEvalConfig = LoopEvalConfig()
+    force: bool = Field(False, description="resume even though the config changed")
+
+
+class RunState:
+    """Which stages of which iteration are complete, with their wall-clock seconds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"completed": {}}
+
+    def done(self, key: str) -> bool:
+        return key in self.data["completed"]
+
+    def mark(self, key: str, seconds: float) -> None:
+        self.data["completed"][key] = round(seconds, 2)
+        write_json(self.path, self.data)
+
+
+def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(cfg, out / "config.yaml")
+    state = RunState(out / "state.json")
+    print(f"loop: {cfg.iterations} iterations, reference = {cfg.reference} "
+          f"({'pi_0 = ' + cfg.policy.path if cfg.reference == 'sft' else 'previous policy'}), "
+          f"pairs = {cfg.select.strategy}, annotator = {cfg.annotate.annotator.kind}")
+
+    def stage(key: str, fn: Callable, *args) -> None:
+        if state.done(key):
+            return
+        t0 = time.perf_counter()
+        fn(*args)
+        state.mark(key, time.perf_counter() - t0)
+        if after_stage is not None:
+            after_stage(key)
+
+    sft = cfg.policy.path
+    stage("iter_0/eval", _evaluate, cfg, 0, sft, sft, out / "iter_0")
+    rows = [_load(out / "iter_0" / "metrics.json")]
+    policy = sft
+    for t in range(1, cfg.iterations + 1):
+        d = out / f"iter_{t}"
+        d.mkdir(exist_ok=True)
+        ref = sft if cfg.reference == "sft" else policy
+        stage(f"iter_{t}/prompts", _slice_prompts, cfg, t, d / "prompts.jsonl")
+        stage(f"iter_{t}/generate", run_generate, _generate_config(cfg, policy, t, d))
+        stage(f"iter_{t}/annotate", run_annotate, cfg.annotate.model_copy(
+            update={"input": str(d / "rollouts.jsonl"), "out": str(d / "scored.jsonl")}))
+        stage(f"iter_{t}/pairs", _pairs, cfg, t, d)
+        stage(f"iter_{t}/dpo", run_dpo, _dpo_config(cfg, policy, ref, d))
+        policy = str(d / "dpo" / "model")
+        stage(f"iter_{t}/eval", _evaluate, cfg, t, policy, sft, d)
+        row = _load(d / "metrics.json")
+        row["seconds"] = {s: state.data["completed"].get(f"iter_{t}/{s}") for s in STAGES}
+        rows.append(row)
+        print(_one_line(row))
+    summary = {"reference": cfg.reference, "iterations": rows}
+    write_json(out / "summary.json", summary)
+    write_text(out / "summary.md", summary_table(rows))
+    print(f"loop: done; {out / 'summary.md'}")
+    return summary
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _slice_prompts(cfg: LoopConfig, t: int, path: Path) -> None:
+    """Iteration t's disjoint slice of the shuffled pool, read by streaming (memory stays flat)."""
+    import numpy as np
+
+    src = cfg.prompts
+    n = sum(1 for _ in iter_records(src.source, Prompt, src.split))
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    wanted = order[(t - 1) * src.per_iteration : t * src.per_iteration]
+    if len(wanted) == 0:
+        raise UserError(f"prompt pool {src.source} has {n} prompts: none left for iteration {t} "
+                        f"({src.per_iteration} per iteration)")
+    slot = {int(i): k for k, i in enumerate(wanted)}
+    picked: list[dict | None] = [None] * len(wanted)
+    for i, rec in enumerate(iter_records(src.source, Prompt, src.split)):
+        if i in slot:
+            picked[slot[i]] = {**rec.model_dump(exclude_none=True), "id": rec.id or f"pool-{i}"}
+    write_jsonl(path, picked)
+    if len(wanted) < src.per_iteration:
+        print(f"loop: iteration {t} gets only {len(wanted)} prompts (pool of {n})")
+
+
+def _generate_config(cfg: LoopConfig, policy: str, t: int, d: Path) -> GenerateConfig:
+    return cfg.generate.model_copy(deep=True, update={
+        "model": cfg.policy.model_copy(update={"path": policy}),
+        "input": str(d / "prompts.jsonl"), "out": str(d / "rollouts.jsonl"),
+        "sampling": cfg.generate.sampling.model_copy(update={"seed": cfg.seed * 1000 + t})})
+
+
+def _pairs(cfg: LoopConfig, t: int, d: Path) -> None:
+    select = cfg.select.model_copy(update={"seed": cfg.seed * 1000 + t})
+    pairs, stats = build_pairs(iter_records(d / "scored.jsonl", Rollout), select)
+    if not pairs:
+        raise UserError(f"iteration {t}: every prompt's rewards tie; no preference pairs to train on")
+    write_jsonl(d / "pairs.jsonl", pairs)
+    write_json(d / "pairs.stats.json", stats)
+
+
+def _dpo_config(cfg: LoopConfig, policy: str, reference: str, d: Path) -> DPOConfig:
+    dpo = cfg.dpo.model_copy(deep=True)
+    dpo.model = cfg.policy.model_copy(update={"path": policy})
+    dpo.reference = reference
+    dpo.data.train = str(d / "pairs.jsonl")
+    dpo.train.output_dir = str(d / "dpo")
+    dpo.train.seed = cfg.seed
+    return dpo
+
+
+def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_iteration(policy, sft, cfg.policy, cfg.eval, cfg.annotate.annotator,
+                                 seed=cfg.seed, iteration_dir=d if t > 0 else None)
+    write_json(d / "metrics.json", {"iteration": t, "policy": policy, **metrics})
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def _check_config(cfg: LoopConfig, path: Path) -> None:
+    new = cfg.model_dump(mode="json", exclude={"force"})
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        old.pop("force", None)
+        diff = sorted(_diff(old, new))
+        if diff and not cfg.force:
+            raise UserError(f"{path.parent} was started with another config (differs in: "
+                            f"{', '.join(diff[:8])}); use --force to continue anyway")
+    save_config(cfg, path)
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in a.keys() | b.keys() for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _one_line(row: dict) -> str:
+    return (f"iter {row['iteration']}: RM reward {_fmt(row.get('rm_reward'))}, gold "
+            f"{_fmt(row.get('gold_reward'))}, length {_fmt(row.get('mean_tokens'), '.1f')} tokens, "
+            f"KL {_fmt(row.get('kl'))}, pairs {row.get('pairs', '-')}")
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = ("| iteration | RM reward | best-of-n RM | gold reward | accuracy | length (tokens) | EOS rate "
+            "| KL to SFT | pairs | generate s | annotate s | DPO s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        s = r.get("seconds") or {}
+        lines.append(
+            f"| {r['iteration']} | {_fmt(r.get('rm_reward'))} | {_fmt(r.get('rm_best_of_n'))} | "
+            f"{_fmt(r.get('gold_reward'))} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('mean_tokens'), '.1f')} | "
+            f"{_fmt(r.get('eos_rate'))} | {_fmt(r.get('kl'))} | {r.get('pairs', '-')} | "
+            f"{_fmt(s.get('generate'), '.0f')} | {_fmt(s.get('annotate'), '.0f')} | {_fmt(s.get('dpo'), '.0f')} |")
+    return "\n".join(lines) + "\n"
