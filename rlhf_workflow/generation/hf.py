@@ -32,6 +32,7 @@ class Sample:
     text: str
     finish_reason: str
     num_tokens: int
+    token_ids: tuple[int, ...] = ()  # as sampled, end-of-turn token included when it stopped
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -85,8 +86,8 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
 def _sample(tokenizer, tokens: list[int], stops: list[int], budget: int) -> Sample:
     end = next((t for t, tok in enumerate(tokens) if tok in stops), None)
     if end is None:
-        kept, reason = tokens[:budget], "length"
+        kept, ids, reason = tokens[:budget], tokens[:budget], "length"
     else:
-        kept, reason = tokens[:end], "stop"
+        kept, ids, reason = tokens[:end], tokens[: end + 1], "stop"
     text = tokenizer.decode(kept, skip_special_tokens=True)
-    return Sample(text, reason, len(kept) + (reason == "stop"))
+    return Sample(text, reason, len(ids), tuple(ids))

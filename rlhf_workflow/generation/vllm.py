@@ -43,7 +43,7 @@ def make_vllm_generator(model: ModelConfig, vcfg):
         )
         inputs = [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, p)) for p in prompts]
         results = llm.generate(inputs, params, use_tqdm=False)
-        return [[Sample(o.text, "stop" if o.finish_reason == "stop" else "length", len(o.token_ids))
-                 for o in r.outputs] for r in results]
+        return [[Sample(o.text, "stop" if o.finish_reason == "stop" else "length", len(o.token_ids),
+                        tuple(o.token_ids)) for o in r.outputs] for r in results]
 
     return generate

@@ -18,27 +18,30 @@ import torch
 
 from ..config import ModelConfig
 from ..data.batching import collate_rows
-from ..data.pairs import tokenize_response
+from ..data.chat import IGNORE, encode_prompt
 from ..data.readers import iter_records, read_records
 from ..data.records import Prompt, Rollout
 from ..evaluation.policy import gold_metrics
-from ..generation.hf import SamplingConfig, generate_hf
+from ..generation.hf import Sample, SamplingConfig, generate_hf
 from ..losses import sequence_logps
 from ..models.loading import load_model, load_tokenizer
 
 
 @torch.no_grad()
-def response_logps(model, tokenizer, prompts: list[list[dict]], responses: list[str],
-                   batch_size: int = 16, max_length: int = 4096) -> list[float]:
-    """log pi(response | prompt), summed over the response tokens (end-of-turn included)."""
+def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Sample],
+                 batch_size: int = 16) -> list[float]:
+    """log pi(y | x) of each sample's own token ids (exactly what was sampled, no re-tokenizing)."""
     model.eval()
-    seqs = [tokenize_response(tokenizer, p, [{"role": "assistant", "content": r}], max_length)[0]
-            for p, r in zip(prompts, responses, strict=True)]
+    seqs = []
+    for p, s in zip(prompts, samples, strict=True):
+        prompt = encode_prompt(tokenizer, p)
+        ids = prompt + list(s.token_ids)
+        seqs.append((ids, [IGNORE] * (len(prompt) - 1) + list(s.token_ids) + [IGNORE]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out: list[float] = []
     for b in range(0, len(seqs), batch_size):
-        batch = collate_rows([[(s.input_ids, s.targets())] for s in seqs[b : b + batch_size]], pad)
+        batch = collate_rows([[s] for s in seqs[b : b + batch_size]], pad)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=(batch["seq_ids"] > 0).long().to(device)).logits
         out.extend(sequence_logps(logits, batch["targets"].to(device)).tolist())
@@ -73,15 +76,16 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
     model, tok = _load(spec)
     samples = generate_hf(model, tok, messages, sampling)
     flat_p = [m for m, group in zip(messages, samples, strict=True) for _ in group]
-    flat_r = [s.text for group in samples for s in group]
+    flat_s = [s for group in samples for s in group]
+    flat_r = [s.text for s in flat_s]
     out = {"mean_tokens": _mean([s.num_tokens for g in samples for s in g]),
            "mean_chars": _mean([len(t) for t in flat_r]),
            "eos_rate": _mean([s.finish_reason == "stop" for g in samples for s in g])}
     if eval_cfg.kl:
-        lp = response_logps(model, tok, flat_p, flat_r)
+        lp = sample_logps(model, tok, flat_p, flat_s)
         del model
         ref, _ = _load(spec.model_copy(update={"path": sft}))
-        out["kl"] = _mean([a - b for a, b in zip(lp, response_logps(ref, tok, flat_p, flat_r), strict=True)])
+        out["kl"] = _mean([a - b for a, b in zip(lp, sample_logps(ref, tok, flat_p, flat_s), strict=True)])
         del ref
     else:
         del model

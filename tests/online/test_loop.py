@@ -1,0 +1,139 @@
+"""`rlhf loop` end to end on tiny models: files, resume after failures, config changes, prompt slices."""
+
+import json
+import tracemalloc
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_workflow.config import load_config
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.io import write_jsonl
+from rlhf_workflow.online import generate as generate_module
+from rlhf_workflow.online.loop import LoopConfig, _slice_prompts, run_loop
+from rlhf_workflow.reward.bt import RMTrainConfig, run_rm_train
+
+FILES = ["prompts.jsonl", "rollouts.jsonl", "scored.jsonl", "pairs.jsonl", "metrics.json"]
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model, sandbox_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    cfg = load_config(RMTrainConfig, None, [
+        f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
+        f"data.test={sandbox_data / 'prefs_test.jsonl'}", "data.max_length=128", "optim.lr=1e-3",
+        f"train.output_dir={out}", "train.max_steps=4", "train.micro_batch_size=8",
+        "train.grad_accum=1", "train.progress=false"])
+    return run_rm_train(cfg)
+
+
+def _cfg(tiny_model, sandbox_data, reward_model, out, *extra):
+    return load_config(LoopConfig, None, [
+        f"out={out}", "iterations=2", f"policy.path={tiny_model}",
+        f"prompts.source={sandbox_data / 'prompts_train.jsonl'}", "prompts.per_iteration=8",
+        "generate.sampling.n=3", "generate.sampling.max_new_tokens=10", "generate.chunk_size=4",
+        f"annotate.annotator.path={reward_model}", "annotate.annotator.dtype=fp32",
+        "annotate.annotator.max_length=256", "annotate.chunk_size=4",
+        "dpo.data.max_length=96", "dpo.optim.lr=1e-3", "dpo.train.epochs=1", "dpo.train.micro_batch_size=4",
+        "dpo.train.grad_accum=1", "dpo.train.progress=false", "dpo.train.save_every=1",
+        f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}", "eval.limit=6", "eval.sampling.n=2",
+        "eval.sampling.max_new_tokens=10", *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, sandbox_data, reward_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loop") / "full"
+    summary = run_loop(_cfg(tiny_model, sandbox_data, reward_model, out))
+    return out, summary
+
+
+def test_two_iterations_end_to_end(full_run):
+    out, summary = full_run
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1, 2]
+    for t in (1, 2):
+        d = out / f"iter_{t}"
+        assert all((d / f).exists() for f in FILES) and (d / "dpo" / "model" / "model.safetensors").exists()
+        prompts = [json.loads(x)["id"] for x in (d / "prompts.jsonl").read_text().splitlines()]
+        scored = [json.loads(x) for x in (d / "scored.jsonl").read_text().splitlines()]
+        assert [s["id"] for s in scored] == prompts and all(len(s["rewards"]) == 3 for s in scored)
+    ids1 = set((out / "iter_1" / "prompts.jsonl").read_text().splitlines())
+    ids2 = set((out / "iter_2" / "prompts.jsonl").read_text().splitlines())
+    assert len(ids1) == 8 and not ids1 & ids2  # fresh, disjoint prompts per iteration
+    rows = summary["iterations"]
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-6) and rows[2]["kl"] > 0
+    assert {"gold_reward", "rm_reward", "eos_rate", "mean_tokens"} <= rows[2].keys()
+    state = json.loads((out / "state.json").read_text())["completed"]
+    assert len(state) == 1 + 2 * 6
+    table = (out / "summary.md").read_text()
+    assert table.count("\n") == 5 and "KL to SFT" in table
+    cfg = (out / "iter_2" / "dpo" / "config.yaml").read_text()
+    assert f"reference: {rows[0]['policy']}" in cfg  # reference = the SFT model, written down
+
+
+def test_resume_after_failures_gives_the_same_files(full_run, tiny_model, sandbox_data, reward_model,
+                                                    tmp_path, monkeypatch):
+    full, _ = full_run
+    out = tmp_path / "crashy"
+    cfg = _cfg(tiny_model, sandbox_data, reward_model, out)
+    # a failure inside a stage: the second chunk of iteration 1's generation
+    real, calls = generate_module.rollout_records, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("mid-generate")
+        return real(*args)
+
+    monkeypatch.setattr(generate_module, "rollout_records", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(cfg)
+    monkeypatch.setattr(generate_module, "rollout_records", real)
+    # then failures between stages
+    for crash_after in ("iter_1/generate", "iter_1/dpo", "iter_2/annotate"):
+        def boom(key, crash_after=crash_after):
+            if key == crash_after:
+                raise KeyboardInterrupt(key)
+        with pytest.raises(KeyboardInterrupt):
+            run_loop(cfg, after_stage=boom)
+    run_loop(cfg)
+    for t in (1, 2):
+        for f in FILES:
+            a, b = (full / f"iter_{t}" / f).read_text(), (out / f"iter_{t}" / f).read_text()
+            if f == "metrics.json":
+                a, b = json.loads(a), json.loads(b)
+                a.pop("policy"), b.pop("policy")
+            assert a == b, f"iter_{t}/{f}"
+    wa = load_file(full / "iter_2" / "dpo" / "model" / "model.safetensors")
+    wb = load_file(out / "iter_2" / "dpo" / "model" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_changed_config_on_resume_is_an_error(full_run, tiny_model, sandbox_data, reward_model):
+    full, _ = full_run
+    cfg = _cfg(tiny_model, sandbox_data, reward_model, full, "select.strategy=max_max", "dpo.optim.lr=5e-4")
+    with pytest.raises(UserError, match=r"differs in: dpo.optim.lr, select.strategy\); use --force"):
+        run_loop(cfg)
+    forced = _cfg(tiny_model, sandbox_data, reward_model, full, "select.strategy=max_max", "force=true")
+    assert len(run_loop(forced)["iterations"]) == 3  # everything done already: nothing recomputed
+
+
+def test_prompt_slices_stream_a_large_pool(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    write_jsonl(pool, ({"prompt": f"question {i}", "id": f"q{i}"} for i in range(100_000)))
+    cfg = load_config(LoopConfig, None, [f"prompts.source={pool}", "prompts.per_iteration=50", "seed=3"])
+    tracemalloc.start()
+    _slice_prompts(cfg, 1, tmp_path / "a.jsonl")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20  # the pool (~100k records) is never held in memory
+    _slice_prompts(cfg, 2, tmp_path / "b.jsonl")
+    a = (tmp_path / "a.jsonl").read_text().splitlines()
+    b = (tmp_path / "b.jsonl").read_text().splitlines()
+    assert len(a) == len(b) == 50 and not set(a) & set(b)
+    _slice_prompts(cfg, 1, tmp_path / "a2.jsonl")
+    assert (tmp_path / "a2.jsonl").read_text().splitlines() == a  # seeded
+    cfg.prompts.per_iteration = 60_000
+    with pytest.raises(UserError, match="none left for iteration 3"):
+        _slice_prompts(cfg, 3, tmp_path / "c.jsonl")
