@@ -12,20 +12,8 @@ from rlhf_workflow.errors import UserError
 from rlhf_workflow.io import write_jsonl
 from rlhf_workflow.online import generate as generate_module
 from rlhf_workflow.online.loop import LoopConfig, _slice_prompts, run_loop
-from rlhf_workflow.reward.bt import RMTrainConfig, run_rm_train
 
 FILES = ["prompts.jsonl", "rollouts.jsonl", "scored.jsonl", "pairs.jsonl", "metrics.json"]
-
-
-@pytest.fixture(scope="module")
-def reward_model(tiny_model, sandbox_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rm")
-    cfg = load_config(RMTrainConfig, None, [
-        f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
-        f"data.test={sandbox_data / 'prefs_test.jsonl'}", "data.max_length=128", "optim.lr=1e-3",
-        f"train.output_dir={out}", "train.max_steps=4", "train.micro_batch_size=8",
-        "train.grad_accum=1", "train.progress=false"])
-    return run_rm_train(cfg)
 
 
 def _cfg(tiny_model, sandbox_data, reward_model, out, *extra):

@@ -1,0 +1,66 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_workflow.cli import main
+from rlhf_workflow.data.readers import read_records
+from rlhf_workflow.data.records import Rollout
+from rlhf_workflow.io import write_jsonl
+from rlhf_workflow.reward.bt import load_reward_model, score
+
+ROLLOUTS = [
+    {"id": f"r{i}", "prompt": f"What is {i} + 1?", "meta": {"skill": "add", "answer": str(i + 1)},
+     "responses": [f"Answer: {i + 1}", "Let me think about it. Answer: 3", f"Answer: {i}", "Answer:"],
+     "finish_reasons": ["stop", "stop", "length", "stop"], "num_tokens": [4, 10, 4, 2]}
+    for i in range(7)
+]
+
+
+@pytest.fixture()
+def rollouts(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    write_jsonl(path, ROLLOUTS)
+    return path
+
+
+def test_bt_annotate_cli_matches_direct_scores_and_penalises_truncation(rollouts, reward_model, tmp_path):
+    out = tmp_path / "scored.jsonl"
+    assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={reward_model}",
+                 "annotator.dtype=fp32", "annotator.truncation_penalty=0.5", "chunk_size=3"]) == 0
+    scored = read_records(out, Rollout)
+    assert [s.id for s in scored] == [r["id"] for r in ROLLOUTS] and scored[0].meta["skill"] == "add"
+    model, tok = load_reward_model(reward_model, "fp32")
+    direct = score(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in ROLLOUTS for _ in r["responses"]],
+                   [x for r in ROLLOUTS for x in r["responses"]], progress=False)
+    got = [x for s in scored for x in s.rewards]
+    penalty = [0.5 * (why == "length") for r in ROLLOUTS for why in r["finish_reasons"]]
+    assert got == pytest.approx([d - p for d, p in zip(direct, penalty, strict=True)], abs=1e-5)
+
+
+def test_pm_annotate_ranks_every_response(rollouts, preference_model, tmp_path):
+    for mode in ("tournament", "round_robin"):
+        out = tmp_path / f"scored-{mode}.jsonl"
+        assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={preference_model}",
+                     "annotator.kind=pm", f"annotator.pm_mode={mode}", "annotator.dtype=fp32"]) == 0
+        scored = read_records(out, Rollout)
+        for s in scored:
+            assert len(s.rewards) == 4
+            best, worst = max(s.rewards), min(s.rewards)
+            assert s.rewards.count(best) == 1 and s.rewards.count(worst) == 1  # a max_min pair exists
+
+
+def test_two_processes_give_the_same_scores(rollouts, reward_model, tmp_path):
+    args = ["annotate", "--in", str(rollouts), f"annotator.path={reward_model}", "annotator.dtype=fp32",
+            "chunk_size=2"]
+    assert main([*args, "--out", str(tmp_path / "one.jsonl")]) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rlhf_workflow.cli", *args, "--out", str(tmp_path / "two.jsonl")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    one, two = read_records(tmp_path / "one.jsonl", Rollout), read_records(tmp_path / "two.jsonl", Rollout)
+    assert [r.id for r in two] == [r.id for r in one]
+    assert [x for r in two for x in r.rewards] == pytest.approx([x for r in one for x in r.rewards], abs=1e-5)
