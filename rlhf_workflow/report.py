@@ -1,0 +1,180 @@
+"""``rlhf report RUN_DIR``: tables and plots of a demo or loop run, as Markdown and HTML.
+
+Reads ``summary.json`` (written by ``rlhf demo`` or ``rlhf loop``) and writes
+``report.md``, ``report.html`` and ``plots/*.png`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from pydantic import Field
+
+from .config import Config
+from .errors import UserError
+from .io import write_text
+
+
+class ReportConfig(Config):
+    run_dir: str = Field("runs/demo", description="a run directory of `rlhf demo` or `rlhf loop`")
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    d = Path(cfg.run_dir)
+    if not (d / "summary.json").exists():
+        raise UserError(f"{d}: no summary.json (is it a finished `rlhf demo` or `rlhf loop` run?)")
+    summary = json.loads((d / "summary.json").read_text())
+    if "iterations" in summary:  # a single loop run
+        its = summary["iterations"]
+        summary = {"runs": {"online": its}, "policies": {"sft": its[0]}, "reward_models": {}}
+    plots = make_plots(summary, d / "plots")
+    md = render_markdown(summary, plots)
+    write_text(d / "report.md", md)
+    write_text(d / "report.html", _html(md, d.name))
+    print(f"report: {d / 'report.md'} and {d / 'report.html'} ({len(plots)} plots)")
+    return d / "report.md"
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _f(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def policy_rows(summary: dict) -> list[tuple[str, dict]]:
+    """(name, metrics) of every evaluated policy: fixed ones, then each run's iterations."""
+    rows = list(summary.get("policies", {}).items())
+    for run, its in summary.get("runs", {}).items():
+        rows += [(f"{run} iter {r['iteration']}", r) for r in its if r["iteration"] > 0]
+    return rows
+
+
+def render_markdown(summary: dict, plots: list[str]) -> str:
+    out = ["# Report", ""]
+    if summary.get("claims"):
+        out += ["## The paper's claims at this scale", ""]
+        out += [f"- {c}" for c in summary["claims"]] + [""]
+    out += ["## Policies (held-out prompts)", "",
+            "| policy | gold reward | accuracy | RM reward | length (tokens) | EOS rate | KL to SFT |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in policy_rows(summary):
+        out.append(f"| {name} | {_f(r.get('gold_reward'))} | {_f(r.get('accuracy'))} | "
+                   f"{_f(r.get('rm_reward'))} | {_f(r.get('mean_tokens'), '.1f')} | "
+                   f"{_f(r.get('eos_rate'))} | {_f(r.get('kl'))} |")
+    for run, its in summary.get("runs", {}).items():
+        out += ["", f"## Run `{run}`", "",
+                "| iteration | pairs | rollout RM reward | best-of-n RM | generate s | annotate s | DPO s |",
+                "|---|---|---|---|---|---|---|"]
+        for r in its:
+            s = r.get("seconds") or {}
+            out.append(f"| {r['iteration']} | {r.get('pairs', '-')} | {_f(r.get('rollout_rm_reward'))} | "
+                       f"{_f(r.get('rollout_best_of_n'))} | {_f(s.get('generate'), '.0f')} | "
+                       f"{_f(s.get('annotate'), '.0f')} | {_f(s.get('dpo'), '.0f')} |")
+    rms = summary.get("reward_models", {})
+    if rms:
+        subsets = sorted({s for r in rms.values() for s in r.get("per_subset", {})})
+        out += ["", "## Reward models (held-out preference pairs)", "",
+                "| model | " + " | ".join(subsets) + " | overall |", "|---" * (len(subsets) + 2) + "|"]
+        for name, r in rms.items():
+            accs = [_f(r["per_subset"].get(s, {}).get("accuracy")) for s in subsets]
+            out.append(f"| {name} | " + " | ".join(accs) + f" | {_f(r.get('accuracy'))} |")
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def _html(md: str, title: str) -> str:
+    """A dependency-free rendering of our own Markdown subset (headings, lists, tables, images)."""
+    body, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            body.append(("<table>" if not in_table else "") + "<tr>" +
+                        "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            in_table = True
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1 : -1]
+            body.append(f'<img src="{html.escape(src)}" style="max-width:640px">')
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = "body{font-family:sans-serif;max-width:900px;margin:auto}td,th{padding:2px 8px;border:1px solid #ccc}table{border-collapse:collapse}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def make_plots(summary: dict, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = summary.get("runs", {})
+    fixed = summary.get("policies", {})
+    made = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    for key, label, name in [("gold_reward", "gold reward", "gold_reward.png"),
+                             ("rm_reward", "reward-model reward", "rm_reward.png"),
+                             ("mean_tokens", "mean response length (tokens)", "length.png")]:
+        if not any(r.get(key) is not None for its in runs.values() for r in its):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for run, its in runs.items():
+            ax.plot([r["iteration"] for r in its], [r.get(key) for r in its], marker="o", label=run)
+        for i, (pname, m) in enumerate(fixed.items()):
+            if m.get(key) is not None and pname != "sft":
+                ax.axhline(m[key], ls="--", color=f"C{len(runs) + i}", label=pname)
+        ax.set_xlabel("iteration (0 = SFT)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        save(fig, name)
+    if any(r.get("kl") is not None and r.get("gold_reward") is not None for its in runs.values() for r in its):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for run, its in runs.items():
+            ax.plot([r.get("kl") for r in its], [r.get("gold_reward") for r in its], marker="o", label=run)
+        for pname, m in fixed.items():
+            if m.get("kl") is not None and m.get("gold_reward") is not None and pname != "sft":
+                ax.scatter([m["kl"]], [m["gold_reward"]], marker="s", label=pname)
+        ax.set_xlabel("KL(pi || SFT), nats per response")
+        ax.set_ylabel("gold reward")
+        ax.legend(fontsize=8)
+        save(fig, "kl_vs_gold.png")
+    rms = summary.get("reward_models", {})
+    if rms:
+        subsets = sorted({s for r in rms.values() for s in r.get("per_subset", {})})
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        width = 0.8 / len(rms)
+        for k, (name, r) in enumerate(rms.items()):
+            xs = [i + k * width for i in range(len(subsets))]
+            ax.bar(xs, [r["per_subset"].get(s, {}).get("accuracy", 0) for s in subsets], width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(subsets))], subsets)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("held-out pair accuracy")
+        ax.legend(fontsize=8)
+        save(fig, "rm_accuracy.png")
+    return made
