@@ -19,19 +19,34 @@ from .records import Record
 R = TypeVar("R", bound=Record)
 
 
-def iter_records(source: str | Path, kind: type[R], split: str = "train") -> Iterator[R]:
-    """Yield validated ``kind`` records from a .jsonl/.json(l) file, a .parquet file or a hub name."""
+def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
+    """(location such as ``"data.jsonl, line 7"``, raw row) for every row of a .jsonl/.json
+    file, a .parquet file or a hub dataset, streamed."""
     path = Path(source)
     if path.exists() or path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
-        rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
-        unit = "row" if path.suffix == ".parquet" else "line"
-        yield from _rows(rows, kind, str(path), unit)
+        parquet = path.suffix == ".parquet"
+        rows, where = (_parquet_rows(path), f"{path}, row") if parquet else (_jsonl_rows(path), f"{path}, line")
     elif _looks_like_hub_name(str(source)):
-        yield from _rows(_hub_rows(str(source), split), kind, f"{source}[{split}]", "row")
+        rows, where = _hub_rows(str(source), split), f"{source}[{split}], row"
     else:
         raise UserError(f"data file not found: {path} (and it is not a hub dataset name)")
+    for n, row in rows:
+        yield f"{where} {n}", row
+
+
+def iter_records(source: str | Path, kind: type[R], split: str = "train") -> Iterator[R]:
+    """Yield validated ``kind`` records; a bad row is a UserError naming file, line and field."""
+    for at, row in iter_rows(source, split):
+        if not isinstance(row, dict):
+            raise UserError(f"{at}: expected a JSON object, got {type(row).__name__}")
+        try:
+            yield kind.model_validate(row)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(record)"
+            raise UserError(f"{at}: field {field!r}: {err['msg']}") from None
 
 
 def read_records(source: str | Path, kind: type[R], split: str = "train") -> list[R]:
@@ -39,18 +54,6 @@ def read_records(source: str | Path, kind: type[R], split: str = "train") -> lis
     if not records:
         raise UserError(f"{source}: no records")
     return records
-
-
-def _rows(rows: Iterator[tuple[int, object]], kind: type[R], where: str, unit: str) -> Iterator[R]:
-    for n, row in rows:
-        if not isinstance(row, dict):
-            raise UserError(f"{where}, {unit} {n}: expected a JSON object, got {type(row).__name__}")
-        try:
-            yield kind.model_validate(row)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(record)"
-            raise UserError(f"{where}, {unit} {n}: field {field!r}: {err['msg']}") from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:

@@ -156,7 +156,7 @@ def train(
             model.eval()
             record.update({f"eval/{key}": v for key, v in evaluate(acc.unwrap_model(model)).items()})
             model.train()
-        if (step + 1) % cfg.log_every == 0 or done or "eval/loss" in record:
+        if (step + 1) % cfg.log_every == 0 or done or any(k.startswith("eval/") for k in record):
             if acc.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")

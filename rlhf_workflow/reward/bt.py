@@ -1,0 +1,607 @@
+"""Bradley-Terry reward model: ``rlhf rm train`` and ``rlhf rm score``, plus the scoring API.
+
+A sequence-classification model with one output reads ``prompt + response`` and returns a
+scalar reward; training minimises ``-log sigmoid(r_chosen - r_rejected - margin)`` with the
+chosen and rejected sequences of each pair in the same forward pass (RECIPE.md, paper
+defaults: global batch 512, lr 2e-6, 1 epoch, cosine, warmup 0.03).
+
+- **Pad token.** Decoder score heads read the rightmost token that is not the pad token. If
+  pad == EOS, the end-of-turn tokens count as padding, and with the older "first pad" rule
+  the head reads a prompt token, so chosen and rejected score the same. :func:`ensure_pad_token`
+  adds a dedicated pad token (and resizes the embeddings) when there is none or it equals EOS.
+- **Truncation** keeps the end of the response (what the head reads): the prompt is cut from
+  the left first, down to ``max_prompt_length`` tokens, then the response from its start.
+  Truncated pairs are counted and reported (``data.on_long`` can skip or reject them instead).
+- **Encoders** (BERT-style, no chat template) read ``prompt`` and ``response`` as a text pair
+  with the tokenizer's own special tokens (``[CLS] prompt [SEP] response [SEP]``, token types
+  0/1); their head reads ``[CLS]``.
+- **Bad pairs** (missing fields, non-string content, empty or identical responses) are a
+  one-line error naming file and line, or counted skips with ``data.on_bad=skip``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError
+from tqdm.auto import tqdm
+
+from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
+from ..data import readers
+from ..data.batching import collate_rows
+from ..data.chat import IGNORE, Tokenized
+from ..data.pairs import TokenizedPair, collate_pairs, tokenize_pair, tokenize_response
+from ..data.records import PreferencePair, Prompt
+from ..errors import UserError
+from ..io import write_json, write_jsonl
+from ..losses import bt_loss
+from ..models.loading import load_model, load_tokenizer
+from ..training.loop import StepOutput, TrainData, train
+
+PAD_TOKEN = "<|pad|>"
+
+
+# --------------------------------------------------------------------------- configs
+
+
+class PairDataConfig(Config):
+    train: str = Field(
+        "hendrydong/preference_700K",
+        description="preference pairs: .jsonl/.parquet file or hub dataset",
+    )
+    test: str | None = Field(
+        None, description="held-out pairs (default: hold out eval_fraction of train)"
+    )
+    split: str = Field("train", description="split, for hub datasets")
+    eval_fraction: float = Field(
+        0.01, ge=0, lt=1, description="share of train held out when test is unset"
+    )
+    max_length: int = Field(2048, ge=16, description="tokens per sequence (prompt + response)")
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        description="prompt tokens kept when a sequence is too long (default max_length // 2)",
+    )
+    on_bad: Literal["error", "skip"] = Field(
+        "error",
+        description="invalid pair (missing/non-string field, empty or identical responses): "
+        "fail, or skip and count",
+    )
+    on_long: Literal["truncate", "skip", "error"] = Field(
+        "truncate",
+        description="pair longer than max_length: truncate (counted), skip (counted) or fail",
+    )
+
+
+class RMDataConfig(PairDataConfig):
+    margin_field: str | None = Field(
+        None,
+        description="numeric field (top level or in meta) used as the BT margin (Llama-2 style)",
+    )
+
+
+class RMTrainConfig(Config):
+    model: ModelConfig = ModelConfig(path="meta-llama/Meta-Llama-3-8B-Instruct")
+    data: RMDataConfig = RMDataConfig()
+    optim: OptimConfig = OptimConfig(lr=2e-6, warmup_ratio=0.03)
+    train: TrainConfig = TrainConfig(
+        output_dir="runs/rm", epochs=1, micro_batch_size=8, grad_accum=64, eval_every=100
+    )
+    eval_batch_size: int = Field(32, ge=1, description="sequences per forward pass when evaluating")
+
+
+class RMScoreConfig(Config):
+    model: ModelConfig = ModelConfig(path="runs/rm/model")
+    input: str = Field(
+        "rollouts.jsonl",
+        description="rollouts ({prompt, responses}) or pairs ({prompt, chosen, rejected})",
+    )
+    out: str = Field(
+        "scored.jsonl",
+        description="the same records plus rewards (or chosen_reward/rejected_reward)",
+    )
+    batch_size: int = Field(32, ge=1, description="sequences per forward pass")
+    max_length: int = Field(2048, ge=16, description="tokens per sequence (prompt + response)")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompt tokens kept when too long (default max_length // 2)"
+    )
+    sort_by_length: bool = Field(
+        True, description="batch sequences of similar length (the output keeps the input order)"
+    )
+    progress: bool = Field(True, description="show a progress bar")
+
+
+# --------------------------------------------------------------------------- reading pairs
+
+
+@dataclass(frozen=True)
+class PairRow:
+    where: str  # "file, line n" for messages
+    pair: PreferencePair
+    margin: float = 0.0
+
+
+def read_pairs(
+    source: str, split: str = "train", on_bad: str = "error", margin_field: str | None = None
+) -> tuple[list[PairRow], Counter]:
+    """Validated pairs of a file or hub dataset, and the count of skipped pairs per reason.
+
+    Invalid pairs raise a :class:`UserError` naming the file and line (``on_bad="error"``) or
+    are skipped and counted (``on_bad="skip"``)."""
+    out: list[PairRow] = []
+    skipped: Counter = Counter()
+    for at, row in readers.iter_rows(source, split):
+        try:
+            pair, margin = _parse_pair(row, margin_field)
+        except ValueError as e:
+            if on_bad == "error":
+                raise UserError(f"{at}: {e} (set data.on_bad=skip to skip such pairs)") from None
+            skipped[str(e).split(":")[0]] += 1
+            continue
+        out.append(PairRow(at, pair, margin))
+    if not out:
+        raise UserError(
+            f"{source}: no valid preference pairs"
+            + (f" ({_fmt_counts(skipped)} skipped)" if skipped else "")
+        )
+    return out, skipped
+
+
+def _parse_pair(row: Any, margin_field: str | None) -> tuple[PreferencePair, float]:
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: got {type(row).__name__}")
+    try:
+        pair = PreferencePair.model_validate(row)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"][:1]) or "(record)"
+        kind = "missing field" if err["type"] == "missing" else "bad field"
+        raise ValueError(f"{kind}: {field!r}: {err['msg']}") from None
+    prompt, chosen, rejected = pair.conversations()
+    if not any(m["content"].strip() for m in prompt):
+        raise ValueError("empty prompt")
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ValueError(f"bad {name}: must end with an assistant message")
+        if not msgs[-1]["content"].strip():
+            raise ValueError(f"empty {name}")
+    if chosen == rejected:
+        raise ValueError("chosen == rejected: the pair carries no preference")
+    margin = 0.0
+    if margin_field is not None:
+        value = row.get(margin_field, (row.get("meta") or {}).get(margin_field))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"bad margin: field {margin_field!r} must be a number, got {value!r}")
+        margin = float(value)
+    return pair, margin
+
+
+def split_held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded random ``fraction`` of ``rows`` held out (at least one)."""
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(f"{seed}/held-out").shuffle(order)
+    k = max(1, round(fraction * len(rows)))
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def _fmt_counts(c: Counter) -> str:
+    return ", ".join(f"{n} {why}" for why, n in c.most_common())
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def ensure_pad_token(model, tokenizer) -> bool:
+    """Give the tokenizer a pad token distinct from EOS (``<|pad|>``, added to the vocabulary
+    if missing, the embeddings resized), and set ``config.pad_token_id``. Returns whether the
+    pad token changed."""
+    changed = tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id
+    if changed:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    return changed
+
+
+def _check_pad(model, tokenizer) -> None:
+    pad = model.config.get_text_config().pad_token_id
+    if (
+        pad is None
+        or pad != tokenizer.pad_token_id
+        or (uses_chat_template(tokenizer) and pad == tokenizer.eos_token_id)
+    ):
+        raise UserError(
+            f"reward model {model.config.name_or_path!r} has no dedicated pad token "
+            f"(config pad_token_id={pad}, tokenizer pad {tokenizer.pad_token_id}, "
+            f"eos {tokenizer.eos_token_id}); "
+            "models trained with `rlhf rm train` have one"
+        )
+
+
+def uses_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode(
+    tokenizer,
+    prompt: list[dict],
+    response: list[dict],
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> tuple[Tokenized, bool]:
+    """(prompt + response as the reward model reads it, whether it was truncated).
+
+    Chat template if the tokenizer has one, else a text pair with its special tokens. The
+    loss mask marks the response (for encoders: the response and its closing special tokens).
+    """
+    mpl = max_prompt_length if max_prompt_length is not None else max_length // 2
+    if uses_chat_template(tokenizer):
+        return tokenize_response(tokenizer, prompt, response, max_length, mpl, keep="end")
+    return _encode_text_pair(
+        tokenizer, _prompt_text(prompt), response[-1]["content"], max_length, mpl
+    )
+
+
+def encode_pair(
+    tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int | None = None
+) -> TokenizedPair:
+    mpl = max_prompt_length if max_prompt_length is not None else max_length // 2
+    if uses_chat_template(tokenizer):
+        return tokenize_pair(tokenizer, pair, max_length, mpl, keep="end")
+    prompt, chosen, rejected = pair.conversations()
+    c, tc = encode(tokenizer, prompt, chosen, max_length, mpl)
+    r, tr = encode(tokenizer, prompt, rejected, max_length, mpl)
+    return TokenizedPair(c, r, tc or tr)
+
+
+def _prompt_text(prompt: list[dict]) -> str:
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def _encode_text_pair(
+    tokenizer, prompt: str, response: str, max_length: int, max_prompt_length: int
+) -> tuple[Tokenized, bool]:
+    backend = tokenizer.backend_tokenizer
+    p = backend.encode(prompt, add_special_tokens=False)
+    r = backend.encode(response, add_special_tokens=False)
+    room = max_length - backend.num_special_tokens_to_add(is_pair=True)
+    truncated = len(p.ids) + len(r.ids) > room
+    if truncated:
+        keep_prompt = min(len(p.ids), max(room - len(r.ids), min(max_prompt_length, room - 1)))
+        p.truncate(keep_prompt, direction="left")
+        r.truncate(room - keep_prompt, direction="left")
+    enc = backend.post_process(p, r, add_special_tokens=True)
+    seq = enc.sequence_ids
+    first = next((i for i, s in enumerate(seq) if s == 1), len(seq))
+    return Tokenized(list(enc.ids), [i >= first for i in range(len(seq))]), truncated
+
+
+def tokenize_pairs(
+    tokenizer, rows: list[PairRow], cfg: PairDataConfig, encoder=None
+) -> tuple[list[tuple[PairRow, Any]], int, int]:
+    """Tokenize pairs with ``encoder(tokenizer, pair, max_length, max_prompt_length)``;
+    applies ``cfg.on_long``. Returns ([(row, tokenized)], truncated count, skipped count)."""
+    encoder = encoder or encode_pair
+    out, truncated, skipped = [], 0, 0
+    for row in tqdm(rows, desc="tokenize", disable=len(rows) < 5000, dynamic_ncols=True):
+        tok = encoder(tokenizer, row.pair, cfg.max_length, cfg.max_prompt_length)
+        if tok.truncated:
+            if cfg.on_long == "error":
+                raise UserError(
+                    f"{row.where}: longer than data.max_length={cfg.max_length} tokens "
+                    "(set data.on_long=truncate or skip)"
+                )
+            if cfg.on_long == "skip":
+                skipped += 1
+                continue
+            truncated += 1
+        out.append((row, tok))
+    return out, truncated, skipped
+
+
+# --------------------------------------------------------------------------- model forward
+
+
+def rewards(model, batch: dict) -> torch.Tensor:
+    """Scalar reward per row, (B,). Rows are right-padded; the head reads the last real token
+    (decoders, via the dedicated pad token) or ``[CLS]`` (encoders)."""
+    real = batch["seq_ids"] > 0
+    extra = {}
+    if getattr(model.config, "type_vocab_size", 0) > 1:  # text pairs: response tokens are type 1
+        types = torch.zeros_like(batch["input_ids"])
+        types[:, 1:] = (batch["targets"][:, :-1] != IGNORE).long()
+        extra["token_type_ids"] = types
+    out = model(input_ids=batch["input_ids"], attention_mask=real.long(), **extra)
+    return out.logits[:, 0].float()
+
+
+def bt_objective(model, batch: dict) -> StepOutput:
+    """Summed BT loss over the N pairs of a batch of 2N rows (chosen first), plus metrics."""
+    r = rewards(model, batch)
+    n = batch["num_items"]
+    chosen, rejected = r[:n], r[n:]
+    loss = bt_loss(chosen, rejected, batch.get("margin", 0.0)).sum()
+    diff = (chosen - rejected).detach()
+    return StepOutput(
+        loss,
+        {
+            "accuracy": _wins(diff).sum(),
+            "margin": diff.sum(),
+            "reward_chosen": chosen.detach().sum(),
+        },
+    )
+
+
+def _wins(diff: torch.Tensor) -> torch.Tensor:
+    """1 where chosen scored higher, 0.5 for a tie, 0 otherwise."""
+    return (diff > 0).float() + 0.5 * (diff == 0).float()
+
+
+@torch.inference_mode()
+def score_tokenized(
+    model,
+    seqs: list[Tokenized],
+    pad_id: int,
+    batch_size: int = 32,
+    progress: bool = False,
+    sort_by_length: bool = True,
+) -> list[float]:
+    """Rewards of tokenized sequences in their order, computed in length-sorted batches."""
+    order = list(range(len(seqs)))
+    if sort_by_length:
+        order.sort(key=lambda i: -len(seqs[i].input_ids))
+    device = next(model.parameters()).device
+    out = [0.0] * len(seqs)
+    bar = tqdm(total=len(seqs), desc="score", disable=not progress, dynamic_ncols=True)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        batch = collate_rows([[(seqs[i].input_ids, seqs[i].targets())] for i in idx], pad_id)
+        r = rewards(model, {k: v.to(device) for k, v in batch.items()})
+        for i, v in zip(idx, r.tolist(), strict=True):
+            out[i] = v
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def score(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    responses: list[str],
+    batch_size: int = 32,
+    max_length: int = 2048,
+    progress: bool = True,
+    max_prompt_length: int | None = None,
+    sort_by_length: bool = True,
+) -> list[float]:
+    """Reward of each (prompt messages, response text), in the input order. No gradients;
+    the model's dtype decides the precision (see :func:`load_reward_model`)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    _check_pad(model, tokenizer)
+    model.eval()
+    seqs = [
+        encode(tokenizer, p, [{"role": "assistant", "content": r}], max_length, max_prompt_length)[
+            0
+        ]
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    return score_tokenized(
+        model, seqs, tokenizer.pad_token_id, batch_size, progress, sort_by_length
+    )
+
+
+def load_reward_model(path: str | Path, dtype: str = "fp32", device: str | None = None):
+    """(model, tokenizer) of a saved reward model in eval mode, on ``device`` (default: the GPU
+    if there is one)."""
+    spec = ModelConfig(path=str(path), dtype=dtype)
+    return _load_for_scoring(spec, device)
+
+
+def load_seq_cls(spec: ModelConfig):
+    """(one-output sequence-classification model, names of the weights newly initialised)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the new head is reported here, not as a warning table
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = load_model(spec, head="seq_cls", num_labels=1, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model, sorted(info.get("missing_keys", []))
+
+
+def _load_for_scoring(spec: ModelConfig, device: str | None = None):
+    tokenizer = load_tokenizer(spec)
+    model, missing = load_seq_cls(spec)
+    if missing:
+        raise UserError(
+            f"{spec.path} is not a trained reward model: weights {', '.join(missing)} "
+            "are missing from the checkpoint"
+        )
+    _check_pad(model, tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- rm train
+
+
+def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
+    """Train a BT reward model; writes ``<output_dir>/model`` and ``<output_dir>/eval.json``."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    d = cfg.data
+    rows, bad = read_pairs(d.train, d.split, d.on_bad, d.margin_field)
+    if d.test:
+        test_rows, bad_test = read_pairs(d.test, d.split, d.on_bad, d.margin_field)
+        bad += bad_test
+    else:
+        rows, test_rows = split_held_out(rows, d.eval_fraction, cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    torch.manual_seed(cfg.train.seed)  # the new score head's initialisation
+    model, missing = load_seq_cls(cfg.model)
+    if missing:
+        print(f"rm: new reward head {', '.join(missing)} initialised (seed {cfg.train.seed})")
+    if ensure_pad_token(model, tokenizer):
+        print(
+            f"rm: pad token set to {PAD_TOKEN!r} (id {tokenizer.pad_token_id}, distinct from EOS); "
+            f"vocabulary {len(tokenizer)}"
+        )
+    train_set, n_trunc, n_long = tokenize_pairs(tokenizer, rows, d)
+    test_set, n_trunc_test, n_long_test = tokenize_pairs(tokenizer, test_rows, d)
+    if not train_set:
+        raise UserError(f"{d.train}: no pair left to train on")
+    stats = {
+        "train_pairs": len(train_set),
+        "held_out_pairs": len(test_set),
+        "truncated": n_trunc + n_trunc_test,
+        "skipped_long": n_long + n_long_test,
+        "skipped_invalid": dict(bad),
+    }
+    print(
+        f"rm: {len(train_set)} training pairs, {len(test_set)} held out; truncated "
+        f"{stats['truncated']}, skipped {n_long + n_long_test} over-long"
+        + (f", skipped invalid: {_fmt_counts(bad)}" if bad else "")
+    )
+
+    pad_id = tokenizer.pad_token_id
+
+    def collate(batch_rows: list[list[int]]) -> dict:
+        items = [train_set[r[0]] for r in batch_rows]
+        batch = collate_pairs([tok for _, tok in items], pad_id)
+        if d.margin_field:
+            batch["margin"] = torch.tensor([row.margin for row, _ in items])
+        return batch
+
+    def evaluate(m) -> dict[str, float]:
+        return evaluate_pairs(m, test_set, pad_id, cfg.eval_batch_size) if test_set else {}
+
+    data = TrainData([len(tok) for _, tok in train_set], collate)
+    record = train(
+        model,
+        tokenizer,
+        data,
+        bt_objective,
+        cfg.train,
+        cfg.optim,
+        evaluate=evaluate,
+        on_step=on_step,
+    )
+    result = {**stats, **{k[5:]: v for k, v in record.items() if k.startswith("eval/")}}
+    write_json(out / "eval.json", result)
+    if test_set:
+        print(
+            f"rm: held-out accuracy {result['accuracy']:.4f} on {len(test_set)} pairs "
+            + " ".join(f"{k[9:]}={v:.4f}" for k, v in result.items() if k.startswith("accuracy/"))
+        )
+    return out / "model"
+
+
+def evaluate_pairs(
+    model, pairs: list[tuple[PairRow, TokenizedPair]], pad_id: int, batch_size: int = 32
+) -> dict[str, float]:
+    """Held-out BT loss and accuracy (ties count half), overall and per subset."""
+    was_training = model.training
+    model.eval()
+    seqs = [tok.chosen for _, tok in pairs] + [tok.rejected for _, tok in pairs]
+    r = torch.tensor(score_tokenized(model, seqs, pad_id, batch_size))
+    model.train(was_training)
+    n = len(pairs)
+    margins = torch.tensor([row.margin for row, _ in pairs])
+    wins = _wins(r[:n] - r[n:]).double()  # float64: the same numbers as `rlhf rm eval`
+    result = {"loss": bt_loss(r[:n], r[n:], margins).mean().item(), "accuracy": wins.mean().item()}
+    subsets = [row.pair.subset for row, _ in pairs]
+    for s in sorted({s for s in subsets if s}):
+        mask = torch.tensor([x == s for x in subsets])
+        result[f"accuracy/{s}"] = wins[mask].mean().item()
+    return result
+
+
+# --------------------------------------------------------------------------- rm score
+
+
+def run_rm_score(cfg: RMScoreConfig) -> Path:
+    """Add ``rewards`` to rollout records (or ``chosen_reward``/``rejected_reward`` to pairs)."""
+    records = read_scoring_records(cfg.input)
+    model, tokenizer = _load_for_scoring(cfg.model)
+    seqs, n_trunc = [], 0
+    for _, prompt, responses in records:
+        for resp in responses:
+            tok, truncated = encode(tokenizer, prompt, resp, cfg.max_length, cfg.max_prompt_length)
+            seqs.append(tok)
+            n_trunc += truncated
+    t0 = time.perf_counter()
+    values = score_tokenized(
+        model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress, cfg.sort_by_length
+    )
+    dt = time.perf_counter() - t0
+    out, k = [], 0
+    for rec, _, responses in records:
+        r, k = values[k : k + len(responses)], k + len(responses)
+        out.append(
+            {**rec, "rewards": r}
+            if "responses" in rec
+            else {**rec, "chosen_reward": r[0], "rejected_reward": r[1]}
+        )
+    write_jsonl(cfg.out, out)
+    print(
+        f"rm score: {len(seqs)} responses of {len(records)} records in {dt:.1f}s "
+        f"({len(seqs) / max(dt, 1e-9):.1f}/s), {n_trunc} truncated to max_length "
+        f"{cfg.max_length} -> {cfg.out}"
+    )
+    return Path(cfg.out)
+
+
+def read_scoring_records(path: str) -> list[tuple[dict, list[dict], list[list[dict]]]]:
+    """(record, prompt messages, response conversations) of a rollout or pair file. Any
+    malformed line is an error: a scorer that dropped records would break the one-to-one
+    link between its input and output."""
+    if not Path(path).is_file():
+        raise UserError(f"input file not found: {path}")
+    out = []
+    for at, row in readers.iter_rows(path):
+        if not isinstance(row, dict):
+            raise UserError(f"{at}: expected a JSON object, got {type(row).__name__}")
+        if "responses" in row:
+            try:
+                prompt = Prompt.model_validate(row).messages()
+            except ValidationError as e:
+                raise UserError(f"{at}: field 'prompt': {e.errors()[0]['msg']}") from None
+            resp = row["responses"]
+            if not isinstance(resp, list) or not resp or not all(isinstance(x, str) for x in resp):
+                raise UserError(f"{at}: field 'responses' must be a non-empty list of strings")
+            out.append((row, prompt, [[{"role": "assistant", "content": x}] for x in resp]))
+        elif "chosen" in row or "rejected" in row:
+            try:
+                pair, _ = _parse_pair(row, None)
+            except ValueError as e:
+                raise UserError(f"{at}: {e}") from None
+            prompt, chosen, rejected = pair.conversations()
+            out.append((row, prompt, [chosen, rejected]))
+        else:
+            raise UserError(
+                f"{at}: neither a rollout (prompt, responses) nor a pair (prompt, chosen, rejected)"
+            )
+    if not out:
+        raise UserError(f"{path}: no records")
+    return out

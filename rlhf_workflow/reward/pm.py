@@ -1,0 +1,355 @@
+"""Pairwise preference model (PM): ``rlhf pm train`` and order-averaged comparisons.
+
+A causal LM reads one user turn ``[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b}``
+through its chat template and answers with the single token ``A`` or ``B``; the loss is the
+next-token cross-entropy at that one position (SLiC-HF style; paper defaults lr 5e-6, 1 epoch).
+Which side the chosen response is shown on is drawn per pair from a seeded RNG.
+
+Inference: softmax over just the two label tokens' logits at the answer position, for both
+orders, ``P(a > b) = 0.5 * (P_A(a, b) + 1 - P_A(b, a))`` - a constant position bias cancels.
+
+Deviations: the paper packs sequences (length 3072); here each comparison is one left-padded
+row, so the answer position is the last one and only its logits are computed. When a
+comparison is too long, the context is cut from the left first, then both responses from
+their start (their ends, where answers usually are, stay visible); such pairs are counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
+from ..data.chat import encode_prompt, render
+from ..errors import UserError
+from ..io import write_json
+from ..models.loading import load_model, load_tokenizer
+from ..training.loop import StepOutput, TrainData, train
+from .bt import PairDataConfig, PairRow, _fmt_counts, _prompt_text, read_pairs, split_held_out
+
+LABELS = ("A", "B")
+TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b}"
+
+
+class PMTrainConfig(Config):
+    model: ModelConfig = ModelConfig(path="meta-llama/Meta-Llama-3-8B-Instruct")
+    data: PairDataConfig = PairDataConfig(max_length=3072)
+    optim: OptimConfig = OptimConfig(lr=5e-6, warmup_ratio=0.03)
+    train: TrainConfig = TrainConfig(
+        output_dir="runs/pm", epochs=1, micro_batch_size=8, grad_accum=16, eval_every=100
+    )
+    eval_batch_size: int = Field(32, ge=1, description="sequences per forward pass when evaluating")
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def label_token_ids(tokenizer) -> tuple[int, int]:
+    """Ids of ``A`` and ``B``; a :class:`UserError` unless each is one token, they differ, and
+    the chat template emits exactly that token as the assistant's answer."""
+    ids = [tokenizer.encode(x, add_special_tokens=False) for x in LABELS]
+    if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
+        raise UserError(
+            f"tokenizer {tokenizer.name_or_path!r} cannot serve a preference model: the labels "
+            f"'A' and 'B' must be single, distinct tokens, got {ids[0]} and {ids[1]}"
+        )
+    msgs = pm_messages([{"role": "user", "content": "x"}], "y", "z")
+    prompt = encode_prompt(tokenizer, msgs)
+    for x, (tid,) in zip(LABELS, ids, strict=True):
+        full = tokenizer(
+            render(tokenizer, msgs + [{"role": "assistant", "content": x}]),
+            add_special_tokens=False,
+        )["input_ids"]
+        if full[: len(prompt)] != prompt or full[len(prompt) : len(prompt) + 1] != [tid]:
+            raise UserError(
+                f"the chat template of {tokenizer.name_or_path!r} does not render the answer {x!r} "
+                f"as token {tid} right after the assistant header"
+            )
+    return ids[0][0], ids[1][0]
+
+
+def pm_messages(prompt: list[dict], a: str, b: str) -> list[dict]:
+    """The one user turn the PM reads (a multi-turn context is flattened as ``role: text``)."""
+    return [{"role": "user", "content": TEMPLATE.format(context=_prompt_text(prompt), a=a, b=b)}]
+
+
+def encode_comparison(
+    tokenizer, prompt: list[dict], a: str, b: str, max_length: int
+) -> tuple[list[int], bool]:
+    """(prompt ids ending with the assistant header, whether it was truncated); the label
+    token is appended for training, so the ids are at most ``max_length - 1`` long."""
+    ids = encode_prompt(tokenizer, pm_messages(prompt, a, b))
+    limit = max_length - 1
+    if len(ids) <= limit:
+        return ids, False
+    tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ctx, ta, tb = tok(_prompt_text(prompt)), tok(a), tok(b)
+    budget = limit - (len(ids) - len(ctx) - len(ta) - len(tb))
+    for _ in range(4):  # re-tokenising cut text can shift a few tokens: retry with less room
+        if budget < 3:
+            break
+        keep_ctx = max(budget - len(ta) - len(tb), min(len(ctx), budget // 4))
+        keep_ctx = min(keep_ctx, len(ctx))
+        room = budget - keep_ctx
+        ka = min(len(ta), max(room // 2, room - len(tb)))
+        kb = min(len(tb), room - ka)
+        cut = lambda t, k: tokenizer.decode(t[len(t) - k :]) if k > 0 else ""  # noqa: E731
+        context = [{"role": "user", "content": cut(ctx, keep_ctx)}]
+        ids = encode_prompt(tokenizer, pm_messages(context, cut(ta, ka), cut(tb, kb)))
+        if len(ids) <= limit:
+            return ids, True
+        budget -= len(ids) - limit
+    raise UserError(f"max_length {max_length} leaves no room for a comparison after the template")
+
+
+def collate_comparisons(
+    seqs: list[list[int]], pad_id: int, labels: list[int] | None = None
+) -> dict:
+    """Left-padded rows (the answer position is the last column) with explicit positions."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "num_items": len(seqs),
+        "num_tokens": int(mask.sum()),
+    }
+    if labels is not None:
+        batch["labels"] = torch.tensor(labels)
+    return batch
+
+
+def answer_logits(model, batch: dict) -> torch.Tensor:
+    """Full-vocabulary logits at the answer position, (B, V)."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1].float()
+
+
+def make_objective(label_ids: tuple[int, int]):
+    ids = list(label_ids)
+
+    def pm_objective(model, batch: dict) -> StepOutput:
+        """Summed cross-entropy of the label token, and accuracy between the two labels."""
+        logits = answer_logits(model, batch)
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        pick = torch.tensor(ids, device=logits.device)[logits[:, ids].argmax(-1)]
+        return StepOutput(loss, {"accuracy": (pick == batch["labels"]).float().sum()})
+
+    return pm_objective
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def compare(
+    model,
+    tokenizer,
+    items: list[tuple[list[dict], str, str]],
+    batch_size: int = 32,
+    max_length: int = 3072,
+    progress: bool = False,
+) -> list[float]:
+    """``P(a better than b)`` for each (prompt messages, a, b), averaged over both orders.
+
+    Two model rows per item, run in length-sorted batches; the result keeps the input order.
+    """
+    return _compare(model, tokenizer, items, batch_size, max_length, progress)[0]
+
+
+def _compare(model, tokenizer, items, batch_size, max_length, progress=False):
+    """(order-averaged ``P(a > b)`` per item, raw ``P(A)`` per row (both orders, interleaved),
+    number of truncated items)."""
+    label_ids = list(label_token_ids(tokenizer))
+    seqs, truncated = [], 0
+    for prompt, a, b in items:
+        (ab, t1), (ba, t2) = (
+            encode_comparison(tokenizer, prompt, a, b, max_length),
+            encode_comparison(tokenizer, prompt, b, a, max_length),
+        )
+        seqs += [ab, ba]
+        truncated += t1 or t2
+    p = first_position_probs(model, seqs, label_ids, _pad_id(tokenizer), batch_size, progress)
+    return [0.5 * (p[2 * i] + 1.0 - p[2 * i + 1]) for i in range(len(items))], p, truncated
+
+
+@torch.inference_mode()
+def first_position_probs(
+    model,
+    seqs: list[list[int]],
+    label_ids: list[int],
+    pad_id: int,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[float]:
+    """``P(A)`` from a softmax over the two label logits, per encoded comparison."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = [0.0] * len(seqs)
+    bar = tqdm(total=len(seqs), desc="compare", disable=not progress, dynamic_ncols=True)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate_comparisons([seqs[i] for i in idx], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        p = answer_logits(model, batch)[:, label_ids].softmax(-1)[:, 0]
+        for i, v in zip(idx, p.tolist(), strict=True):
+            out[i] = v
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_preference_model(path: str | Path, dtype: str = "fp32", device: str | None = None):
+    """(model, tokenizer) of a saved PM in eval mode; checks the label tokens."""
+    spec = ModelConfig(path=str(path), dtype=dtype)
+    tokenizer = load_tokenizer(spec)
+    label_token_ids(tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(spec).to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- pm train
+
+
+def run_pm_train(cfg: PMTrainConfig, on_step=None) -> Path:
+    """Train a PM; writes ``<output_dir>/model`` and ``<output_dir>/eval.json``."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    tokenizer = load_tokenizer(cfg.model)
+    label_ids = label_token_ids(tokenizer)  # fail before reading data or loading weights
+    d = cfg.data
+    rows, bad = read_pairs(d.train, d.split, d.on_bad)
+    if d.test:
+        test_rows, bad_test = read_pairs(d.test, d.split, d.on_bad)
+        bad += bad_test
+    else:
+        rows, test_rows = split_held_out(rows, d.eval_fraction, cfg.train.seed)
+
+    seqs, labels, n_trunc, n_long = build_comparisons(tokenizer, rows, d, cfg.train.seed, label_ids)
+    if not seqs:
+        raise UserError(f"{d.train}: no pair left to train on")
+    print(
+        f"pm: {len(seqs)} training comparisons ({sum(x == label_ids[0] for x in labels)} with "
+        f"the chosen response as A), {len(test_rows)} held out; truncated {n_trunc}, skipped "
+        f"{n_long} over-long" + (f", skipped invalid: {_fmt_counts(bad)}" if bad else "")
+    )
+
+    pad_id = _pad_id(tokenizer)
+
+    def collate(batch_rows: list[list[int]]) -> dict:
+        idx = [r[0] for r in batch_rows]
+        return collate_comparisons([seqs[i] for i in idx], pad_id, [labels[i] for i in idx])
+
+    def evaluate(m) -> dict[str, float]:
+        return (
+            evaluate_pm(m, tokenizer, test_rows, d.max_length, cfg.eval_batch_size)
+            if test_rows
+            else {}
+        )
+
+    model = load_model(cfg.model)
+    data = TrainData([len(s) for s in seqs], collate)
+    record = train(
+        model,
+        tokenizer,
+        data,
+        make_objective(label_ids),
+        cfg.train,
+        cfg.optim,
+        evaluate=evaluate,
+        on_step=on_step,
+    )
+    result = {
+        "train_pairs": len(seqs),
+        "held_out_pairs": len(test_rows),
+        "truncated": n_trunc,
+        "skipped_long": n_long,
+        "skipped_invalid": dict(bad),
+        **{k[5:]: v for k, v in record.items() if k.startswith("eval/")},
+    }
+    write_json(out / "eval.json", result)
+    if test_rows:
+        print(
+            f"pm: held-out accuracy {result['accuracy']:.4f} on {len(test_rows)} pairs "
+            + " ".join(f"{k[9:]}={v:.4f}" for k, v in result.items() if k.startswith("accuracy/"))
+        )
+    return out / "model"
+
+
+def build_comparisons(
+    tokenizer, rows: list[PairRow], d: PairDataConfig, seed: int, label_ids: tuple[int, int]
+) -> tuple[list[list[int]], list[int], int, int]:
+    """(prompt ids, label id) per training pair, the chosen response shown first (label ``A``)
+    or second (``B``) as a seeded coin decides; plus the truncated and skipped counts."""
+    rng = random.Random(f"{seed}/pm-positions")
+    seqs, labels, n_trunc, n_long = [], [], 0, 0
+    for row in rows:
+        prompt, chosen, rejected = row.pair.conversations()
+        c, r = chosen[-1]["content"], rejected[-1]["content"]
+        chosen_first = rng.random() < 0.5
+        ids, truncated = encode_comparison(
+            tokenizer, prompt, *((c, r) if chosen_first else (r, c)), d.max_length
+        )
+        if truncated and d.on_long == "error":
+            raise UserError(
+                f"{row.where}: longer than data.max_length={d.max_length} tokens "
+                "(set data.on_long=truncate or skip)"
+            )
+        if truncated and d.on_long == "skip":
+            n_long += 1
+            continue
+        n_trunc += truncated
+        seqs.append(ids)
+        labels.append(label_ids[0 if chosen_first else 1])
+    return seqs, labels, n_trunc, n_long
+
+
+def evaluate_pm(
+    model, tokenizer, rows: list[PairRow], max_length: int, batch_size: int = 32
+) -> dict[str, float]:
+    """Held-out loss and accuracy (ties half) overall and per subset, plus the mean ``P(A)``
+    over both orders (``p_first``: 0.5 for a model without position bias)."""
+    was_training = model.training
+    items = []
+    for row in rows:
+        prompt, chosen, rejected = row.pair.conversations()
+        items.append((prompt, chosen[-1]["content"], rejected[-1]["content"]))
+    probs, p, _ = _compare(model, tokenizer, items, batch_size, max_length)
+    model.train(was_training)
+    probs = torch.tensor(probs)
+    wins = ((probs > 0.5).float() + 0.5 * (probs == 0.5).float()).double()
+    # loss: two-way label cross-entropy, chosen shown first (answer A) and second (answer B)
+    nll = [
+        -math.log(max(p[2 * i], 1e-12)) - math.log(max(1 - p[2 * i + 1], 1e-12))
+        for i in range(len(rows))
+    ]
+    result = {
+        "loss": sum(nll) / (2 * len(rows)),
+        "accuracy": wins.mean().item(),
+        "p_first": sum(p) / len(p),
+    }
+    subsets = [row.pair.subset for row in rows]
+    for s in sorted({s for s in subsets if s}):
+        result[f"accuracy/{s}"] = wins[torch.tensor([x == s for x in subsets])].mean().item()
+    return result
