@@ -504,6 +504,7 @@ def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
         bt_objective,
         cfg.train,
         cfg.optim,
+        run_config=cfg,
         evaluate=evaluate,
         on_step=on_step,
     )

@@ -277,6 +277,7 @@ def run_pm_train(cfg: PMTrainConfig, on_step=None) -> Path:
         make_objective(label_ids),
         cfg.train,
         cfg.optim,
+        run_config=cfg,
         evaluate=evaluate,
         on_step=on_step,
     )

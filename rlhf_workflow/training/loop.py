@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..config import OptimConfig, TrainConfig
+from ..config import Config, OptimConfig, TrainConfig
 from ..data.batching import plan_batches
 from ..io import write_json
 from ..models.loading import save_model as save_hf_model
@@ -71,7 +71,7 @@ def train(
     optim: OptimConfig,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
-    tracker_config: dict | None = None,
+    run_config: Config | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place, save it to ``<output_dir>/model`` and return the last metrics."""
     out = Path(cfg.output_dir)
@@ -112,7 +112,7 @@ def train(
     if acc.is_main_process:
         _truncate_metrics(metrics_path, start)
     if cfg.report_to:
-        acc.init_trackers(out.name, config=tracker_config)
+        acc.init_trackers(out.name, config=_flat(run_config.model_dump(mode="json")) if run_config else None)
 
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and acc.is_main_process),
                desc=f"train {out.name}", dynamic_ncols=True)
@@ -162,7 +162,8 @@ def train(
                     f.write(json.dumps(record) + "\n")
             if cfg.report_to:
                 acc.log(record, step=step + 1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+        shown = {k: f"{record[k]:.3f}" for k in ("reward_acc", "accuracy", "rewards/margin") if k in record}
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", **shown, refresh=False)
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
             _save_checkpoint(acc, out, step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)
@@ -241,3 +242,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested config -> {"optim.lr": 1e-5, ...} of scalars, as trackers want it."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat

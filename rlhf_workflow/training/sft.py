@@ -89,18 +89,6 @@ def run_sft(cfg: SFTConfig, on_step=None) -> Path:
     data = TrainData(lengths, collate, cfg.data.max_length if cfg.data.packing else 0)
     model = load_model(cfg.model)
     train(model, tokenizer, data, sft_objective, cfg.train, cfg.optim, on_step=on_step,
-          tracker_config=_flat(cfg.model_dump(mode="json")))
+          run_config=cfg)
     return out / "model"
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return flat
-
-
 

@@ -1,0 +1,117 @@
+"""Reference log-probs for DPO: computed once, before training, and cached on disk.
+
+The reference model's summed response log-probs of every pair are computed in one no-grad
+pass (length-sorted batches, optional bf16 autocast) and saved as an (N, 2) tensor, index
+aligned with the pairs, column 0 = chosen, 1 = rejected. The file name carries a key that
+hashes what the numbers depend on: the reference weights' identity, the dtype of the pass,
+and the exact token sequences of the pairs (which already reflect the tokenizer, the chat
+template, the data and the truncation limits). A second epoch reads the tensor from memory;
+a resumed or repeated run with the same key reads the file; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save
+from tqdm.auto import tqdm
+
+from ..data.chat import IGNORE
+from ..data.pairs import TokenizedPair, collate_pairs
+from ..io import atomic_open
+from ..losses import sequence_logps
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_identity(path: str | Path) -> dict:
+    """What identifies a checkpoint cheaply: its config.json and its weight files' sizes and
+    modification times (a hub name stands for itself)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return {"name": str(path)}
+    config = p / "config.json"
+    files = sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    return {
+        "config": config.read_text() if config.is_file() else None,
+        "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+    }
+
+
+def cache_key(identity: dict, dtype: str, pairs: list[TokenizedPair]) -> str:
+    h = hashlib.sha256(json.dumps({"reference": identity, "dtype": dtype}, sort_keys=True).encode())
+    for p in pairs:
+        for tok in (p.chosen, p.rejected):
+            h.update(torch.tensor(tok.input_ids, dtype=torch.int64).numpy().tobytes())
+            h.update(bytes(tok.loss_mask))
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def response_logps(model, batch: dict) -> torch.Tensor:
+    """Summed response log-probs of each row of a padded batch, (2N,).
+
+    Logits are computed only from the first response position on (``logits_to_keep``), so
+    the LM head and the log-softmax never run over the prompt part of the batch.
+    """
+    seq_ids, targets = batch["seq_ids"], batch["targets"]
+    has_target = (targets != IGNORE).any(0)
+    start = int(has_target.nonzero()[0]) if has_target.any() else 0
+    keep = targets.shape[1] - start
+    logits = model(input_ids=batch["input_ids"], attention_mask=(seq_ids > 0).long(),
+                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
+    return sequence_logps(logits[:, -keep:], targets[:, start:])
+
+
+@torch.no_grad()
+def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
+                            bf16: bool = False, progress: bool = True) -> torch.Tensor:
+    """(N, 2) summed response log-probs of ``pairs`` under ``model`` (chosen, rejected).
+
+    A PEFT model is run with its adapters disabled, i.e. as its base model.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen.input_ids), len(pairs[i].rejected.input_ids)))
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    with adapters_off, autocast:
+        for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs",
+                      disable=not progress, dynamic_ncols=True):
+            idx = order[b : b + batch_size]
+            batch = collate_pairs([pairs[i] for i in idx], pad_id)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logps = response_logps(model, batch).float().cpu()
+            out[idx] = torch.stack(logps.chunk(2), dim=1)
+    model.train(was_training)
+    return out
+
+
+def cache_path(out_dir: str | Path, key: str) -> Path:
+    return Path(out_dir) / f"ref_logps-{key[:16]}.safetensors"
+
+
+def load_cache(path: Path, key: str, n: int) -> torch.Tensor | None:
+    """The cached tensor, or None when the file is missing or was made for other inputs."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("key") != key:
+        return None
+    logps = load(path.read_bytes())["logps"]
+    return logps if logps.shape == (n, 2) else None
+
+
+def save_cache(path: Path, key: str, logps: torch.Tensor, reference: str) -> None:
+    data = save({"logps": logps.contiguous()}, metadata={"key": key, "reference": reference})
+    with atomic_open(path, "wb") as f:
+        f.write(data)
