@@ -66,6 +66,8 @@ class LoopConfig(Config):
                                train=TrainConfig(output_dir=SET, epochs=2, micro_batch_size=8,
                                                  grad_accum=16, save_every=50))
     eval: LoopEvalConfig = LoopEvalConfig()
+    processes: int = Field(1, ge=1, description="processes (e.g. GPUs) per stage; > 1 runs generate, annotate "
+                           "and DPO with `accelerate launch` (the loop itself stays one process)")
     force: bool = Field(False, description="resume even though the config changed")
 
 
@@ -111,11 +113,13 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
         d.mkdir(exist_ok=True)
         ref = sft if cfg.reference == "sft" else policy
         stage(f"iter_{t}/prompts", _slice_prompts, cfg, t, d / "prompts.jsonl")
-        stage(f"iter_{t}/generate", run_generate, _generate_config(cfg, policy, t, d))
-        stage(f"iter_{t}/annotate", run_annotate, cfg.annotate.model_copy(
-            update={"input": str(d / "rollouts.jsonl"), "out": str(d / "scored.jsonl")}))
+        gen = _generate_config(cfg, policy, t, d)
+        stage(f"iter_{t}/generate", _launch, cfg, "generate", gen, d / "generate.yaml",
+              cfg.processes if gen.backend == "hf" else 1)
+        stage(f"iter_{t}/annotate", _launch, cfg, "annotate", cfg.annotate.model_copy(
+            update={"input": str(d / "rollouts.jsonl"), "out": str(d / "scored.jsonl")}), d / "annotate.yaml")
         stage(f"iter_{t}/pairs", _pairs, cfg, t, d)
-        stage(f"iter_{t}/dpo", run_dpo, _dpo_config(cfg, policy, ref, d))
+        stage(f"iter_{t}/dpo", _launch, cfg, "dpo", _dpo_config(cfg, policy, ref, d), d / "dpo.yaml")
         policy = str(d / "dpo" / "model")
         stage(f"iter_{t}/eval", _evaluate, cfg, t, policy, sft, d)
         row = _load(d / "metrics.json")
@@ -130,6 +134,30 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
 
 
 # --------------------------------------------------------------------------- stages
+
+RUNNERS = {"generate": run_generate, "annotate": run_annotate, "dpo": run_dpo}
+
+
+def _launch(cfg: LoopConfig, command: str, stage_cfg: Config, config_path: Path,
+            processes: int | None = None) -> None:
+    """Run a stage here, or with ``accelerate launch`` on ``processes`` processes."""
+    processes = cfg.processes if processes is None else processes
+    if processes == 1:
+        RUNNERS[command](stage_cfg)
+        return
+    import subprocess
+    import sys
+
+    import torch
+
+    save_config(stage_cfg, config_path)
+    device = [] if torch.cuda.is_available() else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *device, "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rlhf_workflow.cli", command, "--config", str(config_path)]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"{command} on {processes} processes failed; re-run to continue")
+
 
 
 def _slice_prompts(cfg: LoopConfig, t: int, path: Path) -> None:
@@ -190,10 +218,11 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
 
 
 def _check_config(cfg: LoopConfig, path: Path) -> None:
-    new = cfg.model_dump(mode="json", exclude={"force"})
+    new = cfg.model_dump(mode="json", exclude={"force", "processes"})
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
         old.pop("force", None)
+        old.pop("processes", None)
         diff = sorted(_diff(old, new))
         if diff and not cfg.force:
             raise UserError(f"{path.parent} was started with another config (differs in: "

@@ -125,3 +125,15 @@ def test_prompt_slices_stream_a_large_pool(tmp_path):
     cfg.prompts.per_iteration = 60_000
     with pytest.raises(UserError, match="none left for iteration 3"):
         _slice_prompts(cfg, 3, tmp_path / "c.jsonl")
+
+
+def test_stages_on_two_processes(full_run, tiny_model, sandbox_data, reward_model, tmp_path, monkeypatch):
+    """processes=2: generate, annotate and DPO run under `accelerate launch` (gloo on CPU)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    full, _ = full_run
+    out = tmp_path / "two"
+    run_loop(_cfg(tiny_model, sandbox_data, reward_model, out, "iterations=1", "processes=2"))
+    for f in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
+        assert (out / "iter_1" / f).read_text() == (full / "iter_1" / f).read_text(), f
+    assert (out / "iter_1" / "dpo" / "model" / "model.safetensors").exists()
+    assert (out / "iter_1" / "dpo.yaml").exists()  # the stage config the processes read
