@@ -1,4 +1,5 @@
-"""Sampling with ``transformers.generate``: left padding, length-sorted prompt batches.
+"""Sampling with ``transformers.generate``: left padding, length-sorted prompt batches, and
+the n samples of a prompt sharing one prefill (its KV cache is computed once and repeated).
 
 Returns, for each prompt in the caller's order, ``n`` samples with their text, finish reason
 (``stop`` when an end-of-turn/stop token was produced, ``length`` when the token budget ran
@@ -70,9 +71,11 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
             "do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
             "top_k": cfg.top_k or None}
         copies = 1 if greedy else cfg.n
+        ids, mask = ids.to(device), mask.to(device)
+        cache = _shared_prefill(model, ids, mask, copies) if copies > 1 else None
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
-            max_new_tokens=cfg.max_new_tokens, num_return_sequences=copies,
+            input_ids=ids.repeat_interleave(copies, 0), attention_mask=mask.repeat_interleave(copies, 0),
+            past_key_values=cache, max_new_tokens=cfg.max_new_tokens,
             eos_token_id=stops, pad_token_id=pad, **sampling,
         )[:, width:].cpu()
         for r, row in enumerate(out.tolist()):
@@ -81,6 +84,17 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
         bar.update(len(idx) * cfg.n)
     bar.close()
     return results
+
+
+def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The KV cache of each prompt (all but its last token), computed once and repeated for its
+    ``copies`` samples; positions follow the left padding as ``generate`` computes them."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def _sample(tokenizer, tokens: list[int], stops: list[int], budget: int) -> Sample:

@@ -44,3 +44,19 @@ def test_finish_reason_and_token_count(policy):
     assert stopped.num_tokens == len(word) + 1  # the end-of-turn token counts
     cut = _sample(tok, word, [eos], budget=len(word))
     assert cut.finish_reason == "length" and cut.num_tokens == len(word)
+
+
+def test_samples_share_the_prompt_prefill(policy, monkeypatch):
+    """The prompt is run once per prompt, not once per sample, and results are unchanged."""
+    import rlhf_workflow.generation.hf as hf
+
+    model, tok = policy
+    cfg = SamplingConfig(n=4, max_new_tokens=6, seed=3)
+    shared = generate_hf(model, tok, PROMPTS, cfg, progress=False)
+    rows = []
+    real = hf._shared_prefill
+    monkeypatch.setattr(hf, "_shared_prefill", lambda m, ids, mask, c: rows.append(len(ids)) or real(m, ids, mask, c))
+    again = generate_hf(model, tok, PROMPTS, cfg, progress=False)
+    assert rows == [3] and again == shared  # one prefill row per prompt
+    monkeypatch.setattr(hf, "_shared_prefill", lambda *a: None)  # the unshared path
+    assert generate_hf(model, tok, PROMPTS, cfg, progress=False) == shared
