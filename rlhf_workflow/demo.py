@@ -5,7 +5,8 @@ pairwise preference model trained from the SFT model on the (length-biased) sand
 preference pairs, both evaluated per subset; 4. offline DPO from the SFT model on a fixed
 set of annotator pairs as large as the online run labels in total; 5. online iterative DPO
 (3 iterations, n = 8, max_min pairs, BT annotator, reference = SFT); 6. the same online run
-with a length penalty; 7. gold evaluation of every policy on held-out prompts (the loop's
+with a length penalty, and with the gold reward as the judge (an oracle reference run that
+separates the loop's behaviour from the reward model's errors); 7. gold evaluation of every policy on held-out prompts (the loop's
 evaluation, one code path for all); 8. ``report.md``/``report.html`` with plots.
 
 Every stage writes under ``out`` and is skipped when its output exists, so re-running the
@@ -67,7 +68,7 @@ SANDBOX_PM = PMTrainConfig(
 SANDBOX_DPO = DPOConfig(
     model=ModelConfig(path=SET), reference=SET, data=DPODataConfig(train=SET, max_length=256),
     dpo=DPOLossConfig(beta=0.1),
-    optim=OptimConfig(lr=2e-4, warmup_ratio=0.03),
+    optim=OptimConfig(lr=2e-5, warmup_ratio=0.03),
     train=_train(epochs=2, micro_batch_size=16, grad_accum=1, log_every=10, save_every=20),
 )
 SANDBOX_LOOP = LoopConfig(
@@ -95,6 +96,7 @@ class DemoConfig(Config):
     online: LoopConfig = SANDBOX_LOOP
     length_penalty: float = Field(0.01, ge=0, description="lambda per character of the length-penalised online run")
     offline: bool = Field(True, description="train the offline DPO baseline")
+    gold_judge: bool = Field(True, description="also run the online loop with the gold reward as the judge")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -123,6 +125,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     lp.select.length_penalty = cfg.length_penalty
     _stage(f"online iterative DPO, length penalty {cfg.length_penalty}/char",
            out / "online_length_penalty" / "summary.json", run_loop, lp)
+    if cfg.gold_judge:
+        oracle = cfg.online.model_copy(deep=True)
+        oracle.out = str(out / "online_gold_judge")
+        oracle.annotate.annotator.kind = "gold"
+        _stage("online iterative DPO, gold reward as the judge (reference run)",
+               out / "online_gold_judge" / "summary.json", run_loop, oracle)
     if cfg.offline:
         _stage("offline DPO", out / "offline" / "model" / "config.json", _offline_dpo, cfg, out)
         _stage("offline DPO eval", out / "eval" / "offline.json", _evaluate, cfg, out / "offline" / "model",
@@ -201,8 +209,10 @@ def _summary(cfg: DemoConfig, out: Path) -> dict:
         r = _load(out / "eval" / f"{key}.json")
         if r:
             judges[name] = {"per_subset": r["subsets"], "accuracy": r["overall"]}
-    summary = {"seed": cfg.seed, "policies": policies,
-               "runs": {"online": online, f"online_length_penalty_{cfg.length_penalty}": lp},
+    runs = {"online": online, f"online_length_penalty_{cfg.length_penalty}": lp}
+    if cfg.gold_judge:
+        runs["online_gold_judge"] = _load(out / "online_gold_judge" / "summary.json")["iterations"]
+    summary = {"seed": cfg.seed, "policies": policies, "runs": runs,
                "reward_models": {k: v for k, v in judges.items() if v}}
     summary["headline"] = headline(summary)
     summary["claims"] = claims(summary["headline"])
@@ -212,6 +222,7 @@ def _summary(cfg: DemoConfig, out: Path) -> dict:
 def headline(summary: dict) -> dict:
     runs = list(summary["runs"].values())
     online, lp = runs[0][-1], runs[1][-1]
+    oracle = summary["runs"].get("online_gold_judge", [{}])[-1]
     off = summary["policies"].get("offline_dpo") or {}
     rms = summary["reward_models"]
     sub = {name: {s: r["per_subset"][s]["accuracy"] for s in r["per_subset"]} for name, r in rms.items()}
@@ -220,6 +231,8 @@ def headline(summary: dict) -> dict:
         "gold_offline": off.get("gold_reward"),
         "gold_online": online.get("gold_reward"),
         "gold_online_lp": lp.get("gold_reward"),
+        "gold_online_gold_judge": oracle.get("gold_reward"),
+        "rm_sft": summary["policies"]["sft"].get("rm_reward"), "rm_online": online.get("rm_reward"),
         "tokens_online": online.get("mean_tokens"), "tokens_online_lp": lp.get("mean_tokens"),
         "chars_online": online.get("mean_chars"), "chars_online_lp": lp.get("mean_chars"),
         "bt_reasoning": sub.get("BT reward model", {}).get("reasoning"),
@@ -244,6 +257,11 @@ def claims(h: dict) -> list[str]:
         out.append(f"a length penalty cuts length at a small gold cost: length {-cut:+.0%} "
                    f"({h['chars_online']:.0f} -> {h['chars_online_lp']:.0f} chars), gold "
                    f"{h['gold_online']:.3f} -> {h['gold_online_lp']:.3f}")
+    if None not in (h["gold_sft"], h.get("gold_online_gold_judge")):
+        out.append(f"with the gold reward as the judge, online iterative DPO raises the gold reward: "
+                   f"{yes(h['gold_online_gold_judge'] > h['gold_sft'])} (SFT {h['gold_sft']:.3f} -> "
+                   f"{h['gold_online_gold_judge']:.3f}); with the learned BT judge the reward-model "
+                   f"reward went {h['rm_sft']:.3f} -> {h['rm_online']:.3f}")
     if None not in (h["bt_reasoning"], h["pm_reasoning"]):
         out.append(f"the PM is the better judge on reasoning: {yes(h['pm_reasoning'] > h['bt_reasoning'])} "
                    f"(reasoning: BT {h['bt_reasoning']:.3f}, PM {h['pm_reasoning']:.3f}; chat: BT "
@@ -256,7 +274,8 @@ def _screen(summary: dict) -> str:
     rows = [("SFT", h["gold_sft"], summary["policies"]["sft"].get("mean_tokens")),
             ("offline DPO", h["gold_offline"], (summary["policies"].get("offline_dpo") or {}).get("mean_tokens")),
             ("online iterative DPO", h["gold_online"], h["tokens_online"]),
-            ("online + length penalty", h["gold_online_lp"], h["tokens_online_lp"])]
+            ("online + length penalty", h["gold_online_lp"], h["tokens_online_lp"]),
+            ("online, gold judge", h.get("gold_online_gold_judge"), None)]
     lines = [f"{'policy':<26} {'gold reward':>11} {'tokens':>7}"]
     lines += [f"{n:<26} {'-' if g is None else f'{g:.3f}':>11} {'-' if t is None else f'{t:.1f}':>7}"
               for n, g, t in rows]

@@ -2,7 +2,9 @@
 
 ``kind: bt`` scores each response with a Bradley-Terry reward model (length-sorted batches);
 ``kind: pm`` ranks the n responses of a prompt with a pairwise preference model (knockout
-tournament or round robin), whose scores order the responses for pair selection. A response
+tournament or round robin), whose scores order the responses for pair selection;
+``kind: gold`` uses the sandbox's programmatic gold reward (prompts with sandbox ``meta``):
+an oracle judge, to tell the loop's own behaviour apart from a reward model's errors. A response
 that hit the token limit without stopping can be penalised (``truncation_penalty``).
 Chunked and sharded like ``rlhf generate``: a crash loses at most one chunk.
 """
@@ -25,7 +27,8 @@ Scorer = Callable[[list[Rollout]], list[list[float]]]
 
 class AnnotatorConfig(Config):
     path: str = Field("sfairXC/FsfairX-LLaMA3-RM-v0.1", description="reward model (bt) or preference model (pm)")
-    kind: Literal["bt", "pm"] = Field("bt", description="Bradley-Terry scores or pairwise-preference ranking")
+    kind: Literal["bt", "pm", "gold"] = Field(
+        "bt", description="Bradley-Terry scores, pairwise-preference ranking, or the sandbox gold reward")
     pm_mode: Literal["tournament", "round_robin"] = Field("tournament", description="PM ranking of the n responses")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="dtype of the scoring model")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass")
@@ -42,6 +45,8 @@ class AnnotateConfig(Config):
 
 def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
     """Load the annotator once; return a function from rollouts to per-response rewards."""
+    if cfg.kind == "gold":
+        return _gold
     if cfg.kind == "bt":
         from ..reward.bt import load_reward_model, score
 
@@ -65,6 +70,20 @@ def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
         return [list(r.scores) for r in ranks]
 
     return pm
+
+
+def _gold(rollouts: list[Rollout]) -> list[list[float]]:
+    from ..errors import UserError
+    from ..sandbox import gold_reward
+
+    out = []
+    for ro in rollouts:
+        if not ro.meta or "answer" not in ro.meta:
+            raise UserError(f"rollout {ro.id!r}: annotator.kind=gold needs sandbox prompts (meta.answer)")
+        reasons = ro.finish_reasons or ["stop"] * len(ro.responses)
+        out.append([gold_reward(ro.meta, r, ended=why == "stop").reward
+                    for r, why in zip(ro.responses, reasons, strict=True)])
+    return out
 
 
 def annotate_records(rollouts: list[Rollout], rewards: list[list[float]], penalty: float) -> list[dict]:

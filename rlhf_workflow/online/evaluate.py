@@ -90,7 +90,7 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
     else:
         del model
     gc.collect()
-    if annotator.kind == "bt":
+    if annotator.kind == "bt":  # (a PM gives no absolute reward; gold is reported below)
         from ..reward.bt import load_reward_model, score
 
         rm, rm_tok = load_reward_model(annotator.path, annotator.dtype)

@@ -509,13 +509,18 @@ def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
         on_step=on_step,
     )
     result = {**stats, **{k[5:]: v for k, v in record.items() if k.startswith("eval/")}}
+    write_eval(out, result, "rm", len(test_set))
+    return out / "model"
+
+
+def write_eval(out: Path, result: dict, name: str, n_held_out: int) -> None:
+    """Write ``eval.json`` of a trained judge and print its held-out accuracy per subset."""
     write_json(out / "eval.json", result)
-    if test_set:
+    if n_held_out:
         print(
-            f"rm: held-out accuracy {result['accuracy']:.4f} on {len(test_set)} pairs "
+            f"{name}: held-out accuracy {result['accuracy']:.4f} on {n_held_out} pairs "
             + " ".join(f"{k[9:]}={v:.4f}" for k, v in result.items() if k.startswith("accuracy/"))
         )
-    return out / "model"
 
 
 def evaluate_pairs(

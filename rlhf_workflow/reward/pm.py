@@ -28,10 +28,17 @@ from tqdm.auto import tqdm
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
 from ..data.chat import encode_prompt, render
 from ..errors import UserError
-from ..io import write_json
 from ..models.loading import load_model, load_tokenizer
 from ..training.loop import StepOutput, TrainData, train
-from .bt import PairDataConfig, PairRow, _fmt_counts, _prompt_text, read_pairs, split_held_out
+from .bt import (
+    PairDataConfig,
+    PairRow,
+    _fmt_counts,
+    _prompt_text,
+    read_pairs,
+    split_held_out,
+    write_eval,
+)
 
 LABELS = ("A", "B")
 TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b}"
@@ -289,12 +296,7 @@ def run_pm_train(cfg: PMTrainConfig, on_step=None) -> Path:
         "skipped_invalid": dict(bad),
         **{k[5:]: v for k, v in record.items() if k.startswith("eval/")},
     }
-    write_json(out / "eval.json", result)
-    if test_rows:
-        print(
-            f"pm: held-out accuracy {result['accuracy']:.4f} on {len(test_rows)} pairs "
-            + " ".join(f"{k[9:]}={v:.4f}" for k, v in result.items() if k.startswith("accuracy/"))
-        )
+    write_eval(out, result, "pm", len(test_rows))
     return out / "model"
 
 

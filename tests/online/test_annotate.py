@@ -64,3 +64,13 @@ def test_two_processes_give_the_same_scores(rollouts, reward_model, tmp_path):
     one, two = read_records(tmp_path / "one.jsonl", Rollout), read_records(tmp_path / "two.jsonl", Rollout)
     assert [r.id for r in two] == [r.id for r in one]
     assert [x for r in two for x in r.rewards] == pytest.approx([x for r in one for x in r.rewards], abs=1e-5)
+
+
+def test_gold_annotator_gives_the_sandbox_reward(rollouts, tmp_path):
+    out = tmp_path / "gold.jsonl"
+    assert main(["annotate", "--in", str(rollouts), "--out", str(out), "annotator.kind=gold"]) == 0
+    first = read_records(out, Rollout)[0]  # "What is 0 + 1?"
+    assert first.rewards[:3] == pytest.approx([1.0, -0.1, -0.5])  # right, wrong + 5 filler words, wrong and cut
+    bad = tmp_path / "no_meta.jsonl"
+    write_jsonl(bad, [{"prompt": "hi", "responses": ["a"]}])
+    assert main(["annotate", "--in", str(bad), "--out", str(tmp_path / "x.jsonl"), "annotator.kind=gold"]) == 2
