@@ -25,6 +25,8 @@ class SamplingConfig(Config):
     top_k: int = Field(0, ge=0, description="top-k sampling (0 = off)")
     max_new_tokens: int = Field(2048, ge=1, description="token budget per response")
     batch_size: int = Field(32, ge=1, description="prompts per generate call")
+    stop: list[str] = Field(default_factory=list, description="extra stop strings (the response ends before them)")
+    stop_token_ids: list[int] = Field(default_factory=list, description="extra stop token ids (besides end of turn)")
     seed: int = Field(0, description="sampling seed")
 
 
@@ -49,8 +51,9 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
                 progress: bool = True) -> list[list[Sample]]:
     """``cfg.n`` samples for each prompt (a message list), in the order of ``prompts``."""
     model.eval()
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer) + cfg.stop_token_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    strings = {"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[list[Sample]] = [[] for _ in prompts]
@@ -76,10 +79,10 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
         out = model.generate(
             input_ids=ids.repeat_interleave(copies, 0), attention_mask=mask.repeat_interleave(copies, 0),
             past_key_values=cache, max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=stops, pad_token_id=pad, **sampling,
+            eos_token_id=stops, pad_token_id=pad, **sampling, **strings,
         )[:, width:].cpu()
         for r, row in enumerate(out.tolist()):
-            sample = _sample(tokenizer, row, stops, cfg.max_new_tokens)
+            sample = _sample(tokenizer, row, stops, cfg.max_new_tokens, pad, cfg.stop)
             results[idx[r // copies]].extend([sample] * (cfg.n // copies))
         bar.update(len(idx) * cfg.n)
     bar.close()
@@ -97,11 +100,19 @@ def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
     return cache
 
 
-def _sample(tokenizer, tokens: list[int], stops: list[int], budget: int) -> Sample:
+def _sample(tokenizer, tokens: list[int], stops: list[int], budget: int, pad: int | None = None,
+            stop_strings: list[str] = ()) -> Sample:
+    """Cut a generated row at its first stop token (kept in ``token_ids``) or stop string."""
     end = next((t for t, tok in enumerate(tokens) if tok in stops), None)
     if end is None:
-        kept, ids, reason = tokens[:budget], tokens[:budget], "length"
+        ids = tokens[:budget]
+        while stop_strings and ids and ids[-1] == pad:  # padding after a stop-string finish
+            ids = ids[:-1]
+        kept, reason = ids, "length"
     else:
         kept, ids, reason = tokens[:end], tokens[: end + 1], "stop"
     text = tokenizer.decode(kept, skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop_strings if s in text]
+    if cuts:
+        text, reason = text[: min(cuts)], "stop"
     return Sample(text, reason, len(ids), tuple(ids))

@@ -36,7 +36,8 @@ def make_vllm_generator(model: ModelConfig, vcfg):
         params = [SamplingParams(  # one seed per prompt: prompts must not share a random stream
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k or -1, max_tokens=sampling.max_new_tokens,
-            stop_token_ids=stops, seed=sampling.seed * 1_000_003 + i,
+            stop_token_ids=stops + sampling.stop_token_ids, stop=sampling.stop or None,
+            seed=sampling.seed * 1_000_003 + i,
         ) for i in range(len(prompts))]
         inputs = [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, p)) for p in prompts]
         results = llm.generate(inputs, params, use_tqdm=False)

@@ -60,3 +60,20 @@ def test_samples_share_the_prompt_prefill(policy, monkeypatch):
     assert rows == [3] and again == shared  # one prefill row per prompt
     monkeypatch.setattr(hf, "_shared_prefill", lambda *a: None)  # the unshared path
     assert generate_hf(model, tok, PROMPTS, cfg, progress=False) == shared
+
+
+def test_extra_stop_token_ids_and_strings(policy):
+    model, tok = policy
+    greedy = SamplingConfig(n=1, temperature=0, max_new_tokens=8)
+    free = generate_hf(model, tok, PROMPTS[:1], greedy, progress=False)[0][0]
+    first, third = free.token_ids[0], free.token_ids[2]
+    by_id = generate_hf(model, tok, PROMPTS[:1], greedy.model_copy(update={"stop_token_ids": [third]}),
+                        progress=False)[0][0]
+    assert free.finish_reason == "length" and third not in free.token_ids[:2] and first != third
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[:3]
+    stop_text = tok.decode(free.token_ids[2:4])
+    assert stop_text.strip() and stop_text not in tok.decode(free.token_ids[:2])
+    by_str = generate_hf(model, tok, PROMPTS[:1], greedy.model_copy(update={"stop": [stop_text]}),
+                         progress=False)[0][0]
+    assert by_str.finish_reason == "stop" and by_str.text == free.text[: free.text.find(stop_text)]
+    assert len(by_str.token_ids) <= 4
