@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from itertools import islice
 from pathlib import Path
 
 from pydantic import Field
 
 from .config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
+from .data.readers import iter_rows
 from .generation.hf import SamplingConfig
 from .io import write_json, write_jsonl, write_text
 from .models.tiny import InitModelConfig, init_model
@@ -175,8 +177,8 @@ def _stage(name: str, done_marker: Path, fn, *args) -> None:
 def _offline_dpo(cfg: DemoConfig, out: Path) -> None:
     """DPO from SFT on the first N fixed annotator pairs, N = what the online run labels."""
     budget = cfg.online.iterations * cfg.online.prompts.per_iteration
-    lines = (out / "data" / "prefs_train.jsonl").read_text().splitlines()[:budget]
-    write_jsonl(out / "offline" / "pairs.jsonl", (json.loads(x) for x in lines))
+    rows = islice(iter_rows(out / "data" / "prefs_train.jsonl"), budget)
+    write_jsonl(out / "offline" / "pairs.jsonl", (row for _, row in rows))
     dpo = cfg.online.dpo.model_copy(deep=True)
     dpo.model.path = dpo.reference = cfg.online.policy.path
     dpo.data.train = str(out / "offline" / "pairs.jsonl")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rlhf_workflow.config import load_config
 from rlhf_workflow.models.tiny import InitModelConfig, init_model, train_tokenizer
 from rlhf_workflow.sandbox import MakeDataConfig, corpus, make_data
 
@@ -28,3 +29,39 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session", params=["chatml", "llama3"])
 def tokenizer(request):
     return train_tokenizer(corpus()[:800], vocab_size=400, template=request.param)
+
+
+def judge_config(kind: str, tiny_model, sandbox_data, out, *overrides):
+    """A fast BT (``kind="rm"``) or PM (``"pm"``) training config on the sandbox pairs."""
+    from rlhf_workflow.reward.bt import RMTrainConfig
+    from rlhf_workflow.reward.pm import PMTrainConfig
+
+    cls, length = (RMTrainConfig, 128) if kind == "rm" else (PMTrainConfig, 256)
+    return load_config(cls, None, [
+        f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
+        f"data.test={sandbox_data / 'prefs_test.jsonl'}", f"data.max_length={length}",
+        "optim.lr=1e-3", "train.micro_batch_size=16", "train.grad_accum=1", "train.epochs=1",
+        f"train.output_dir={out}", "train.progress=false", "train.log_every=5",
+        "train.eval_every=0", *overrides])
+
+
+@pytest.fixture
+def judge_cfg(tiny_model, sandbox_data):
+    """``judge_cfg(kind, out, *overrides)``: :func:`judge_config` on the session's model and data."""
+    return lambda kind, out, *overrides: judge_config(kind, tiny_model, sandbox_data, out, *overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_rm(tiny_model, sandbox_data, tmp_path_factory):
+    """A BT reward model trained briefly on the sandbox pairs (shared by all test folders)."""
+    from rlhf_workflow.reward.bt import run_rm_train
+
+    return run_rm_train(judge_config("rm", tiny_model, sandbox_data, tmp_path_factory.mktemp("rm")))
+
+
+@pytest.fixture(scope="session")
+def trained_pm(tiny_model, sandbox_data, tmp_path_factory):
+    """A pairwise preference model trained briefly on the sandbox pairs."""
+    from rlhf_workflow.reward.pm import run_pm_train
+
+    return run_pm_train(judge_config("pm", tiny_model, sandbox_data, tmp_path_factory.mktemp("pm")))

@@ -23,28 +23,27 @@ from ..data.readers import iter_records, read_records
 from ..data.records import Prompt, Rollout
 from ..evaluation.policy import gold_metrics
 from ..generation.hf import Sample, SamplingConfig, generate_hf
-from ..losses import sequence_logps
 from ..models.loading import load_model, load_tokenizer
+from ..training.reference import response_logps
 
 
 @torch.no_grad()
 def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Sample],
                  batch_size: int = 16) -> list[float]:
-    """log pi(y | x) of each sample's own token ids (exactly what was sampled, no re-tokenizing)."""
+    """log pi(y | x) of each sample's own token ids (exactly what was sampled, no re-tokenizing),
+    summed over the response; each distinct prompt is tokenized once."""
     model.eval()
+    encoded: dict[int, list[int]] = {}
     seqs = []
     for p, s in zip(prompts, samples, strict=True):
-        prompt = encode_prompt(tokenizer, p)
-        ids = prompt + list(s.token_ids)
-        seqs.append((ids, [IGNORE] * (len(prompt) - 1) + list(s.token_ids) + [IGNORE]))
+        prompt = encoded.setdefault(id(p), encode_prompt(tokenizer, p))
+        seqs.append((prompt + list(s.token_ids), [IGNORE] * (len(prompt) - 1) + list(s.token_ids) + [IGNORE]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out: list[float] = []
     for b in range(0, len(seqs), batch_size):
         batch = collate_rows([[s] for s in seqs[b : b + batch_size]], pad)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=(batch["seq_ids"] > 0).long().to(device)).logits
-        out.extend(sequence_logps(logits, batch["targets"].to(device)).tolist())
+        out.extend(response_logps(model, {k: v.to(device) for k, v in batch.items()}).tolist())
     return out
 
 

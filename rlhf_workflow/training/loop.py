@@ -240,7 +240,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the resumed step, so a resumed run never duplicates a line."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    lines = [x for x in path.read_text().split("\n") if x]  # JSON Lines: split on \n only
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -25,13 +25,13 @@ def rollouts(tmp_path):
     return path
 
 
-def test_bt_annotate_cli_matches_direct_scores_and_penalises_truncation(rollouts, reward_model, tmp_path):
+def test_bt_annotate_cli_matches_direct_scores_and_penalises_truncation(rollouts, trained_rm, tmp_path):
     out = tmp_path / "scored.jsonl"
-    assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={reward_model}",
+    assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={trained_rm}",
                  "annotator.dtype=fp32", "annotator.truncation_penalty=0.5", "chunk_size=3"]) == 0
     scored = read_records(out, Rollout)
     assert [s.id for s in scored] == [r["id"] for r in ROLLOUTS] and scored[0].meta["skill"] == "add"
-    model, tok = load_reward_model(reward_model, "fp32")
+    model, tok = load_reward_model(trained_rm, "fp32")
     direct = score(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in ROLLOUTS for _ in r["responses"]],
                    [x for r in ROLLOUTS for x in r["responses"]], progress=False)
     got = [x for s in scored for x in s.rewards]
@@ -39,10 +39,10 @@ def test_bt_annotate_cli_matches_direct_scores_and_penalises_truncation(rollouts
     assert got == pytest.approx([d - p for d, p in zip(direct, penalty, strict=True)], abs=1e-5)
 
 
-def test_pm_annotate_ranks_every_response(rollouts, preference_model, tmp_path):
+def test_pm_annotate_ranks_every_response(rollouts, trained_pm, tmp_path):
     for mode in ("tournament", "round_robin"):
         out = tmp_path / f"scored-{mode}.jsonl"
-        assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={preference_model}",
+        assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={trained_pm}",
                      "annotator.kind=pm", f"annotator.pm_mode={mode}", "annotator.dtype=fp32"]) == 0
         scored = read_records(out, Rollout)
         for s in scored:
@@ -51,8 +51,8 @@ def test_pm_annotate_ranks_every_response(rollouts, preference_model, tmp_path):
             assert s.rewards.count(best) == 1 and s.rewards.count(worst) == 1  # a max_min pair exists
 
 
-def test_two_processes_give_the_same_scores(rollouts, reward_model, tmp_path):
-    args = ["annotate", "--in", str(rollouts), f"annotator.path={reward_model}", "annotator.dtype=fp32",
+def test_two_processes_give_the_same_scores(rollouts, trained_rm, tmp_path):
+    args = ["annotate", "--in", str(rollouts), f"annotator.path={trained_rm}", "annotator.dtype=fp32",
             "chunk_size=2"]
     assert main([*args, "--out", str(tmp_path / "one.jsonl")]) == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",

@@ -1,72 +1,9 @@
-"""Reward-model fixtures: a tiny BERT-style encoder, and a BT model and a PM trained briefly
-on the sandbox pairs (shared by the scoring, ranking and evaluation tests)."""
+"""Reward-model fixtures: a tiny BERT-style encoder and fast training configs (the trained BT
+model and PM, ``trained_rm`` / ``trained_pm``, live in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-
-from rlhf_workflow.config import load_config
-
-
-def rm_config(tiny_model, sandbox_data, out, *overrides):
-    from rlhf_workflow.reward.bt import RMTrainConfig
-
-    return load_config(
-        RMTrainConfig,
-        None,
-        [
-            f"model.path={tiny_model}",
-            f"data.train={sandbox_data / 'prefs_train.jsonl'}",
-            f"data.test={sandbox_data / 'prefs_test.jsonl'}",
-            "data.max_length=128",
-            "optim.lr=1e-3",
-            "train.micro_batch_size=16",
-            "train.grad_accum=1",
-            "train.epochs=1",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "train.log_every=5",
-            "train.eval_every=0",
-            *overrides,
-        ],
-    )
-
-
-def pm_config(tiny_model, sandbox_data, out, *overrides):
-    from rlhf_workflow.reward.pm import PMTrainConfig
-
-    return load_config(
-        PMTrainConfig,
-        None,
-        [
-            f"model.path={tiny_model}",
-            f"data.train={sandbox_data / 'prefs_train.jsonl'}",
-            f"data.test={sandbox_data / 'prefs_test.jsonl'}",
-            "data.max_length=256",
-            "optim.lr=1e-3",
-            "train.micro_batch_size=16",
-            "train.grad_accum=1",
-            "train.epochs=1",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "train.log_every=5",
-            *overrides,
-        ],
-    )
-
-
-@pytest.fixture(scope="session")
-def trained_rm(tiny_model, sandbox_data, tmp_path_factory):
-    from rlhf_workflow.reward.bt import run_rm_train
-
-    return run_rm_train(rm_config(tiny_model, sandbox_data, tmp_path_factory.mktemp("rm")))
-
-
-@pytest.fixture(scope="session")
-def trained_pm(tiny_model, sandbox_data, tmp_path_factory):
-    from rlhf_workflow.reward.pm import run_pm_train
-
-    return run_pm_train(pm_config(tiny_model, sandbox_data, tmp_path_factory.mktemp("pm")))
 
 
 @pytest.fixture(scope="session")
@@ -106,15 +43,15 @@ def bert_model(tmp_path_factory):
 
 
 @pytest.fixture
-def rm_cfg(tiny_model, sandbox_data):
+def rm_cfg(judge_cfg):
     """``rm_cfg(out, *overrides)``: a fast BT training config on the sandbox pairs."""
-    return lambda out, *overrides: rm_config(tiny_model, sandbox_data, out, *overrides)
+    return lambda out, *overrides: judge_cfg("rm", out, *overrides)
 
 
 @pytest.fixture
-def pm_cfg(tiny_model, sandbox_data):
+def pm_cfg(judge_cfg):
     """``pm_cfg(out, *overrides)``: a fast PM training config on the sandbox pairs."""
-    return lambda out, *overrides: pm_config(tiny_model, sandbox_data, out, *overrides)
+    return lambda out, *overrides: judge_cfg("pm", out, *overrides)
 
 
 @pytest.fixture(scope="session")

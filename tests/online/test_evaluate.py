@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from rlhf_workflow.config import ModelConfig
+from rlhf_workflow.data.chat import encode_prompt
+from rlhf_workflow.generation.hf import SamplingConfig, generate_hf
+from rlhf_workflow.models.loading import load_model, load_tokenizer
+from rlhf_workflow.online.evaluate import sample_logps
+
+
+def test_sample_logps_equal_an_unbatched_computation(tiny_model):
+    """The KL estimate's ingredient: log pi(y|x) of the sampled tokens, batched and padded,
+    equals the sum of next-token log-probs of each sample computed alone."""
+    spec = ModelConfig(path=str(tiny_model))
+    model, tok = load_model(spec).eval(), load_tokenizer(spec)
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 3 + 5?", "Sort: 9 1 4 2 7")]
+    samples = generate_hf(model, tok, prompts, SamplingConfig(n=3, max_new_tokens=7), progress=False)
+    flat_p = [p for p, g in zip(prompts, samples, strict=True) for _ in g]
+    flat_s = [s for g in samples for s in g]
+    got = sample_logps(model, tok, flat_p, flat_s, batch_size=4)
+    for p, s, value in zip(flat_p, flat_s, got, strict=True):
+        prompt = encode_prompt(tok, p)
+        ids = torch.tensor([prompt + list(s.token_ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        expected = sum(logp[len(prompt) - 1 + t, tok_id].item() for t, tok_id in enumerate(s.token_ids))
+        assert value == pytest.approx(expected, abs=1e-4)
