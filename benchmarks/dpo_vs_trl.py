@@ -13,9 +13,13 @@ TRL: ``trainer.train()``, which runs a reference forward every step, its default
 pairs x epochs / time. Afterwards both final models are scored by the same code: their mean
 DPO loss on all pairs.
 
-FLOP/s: the work DPO needs, 6 x params x tokens per epoch (forward + backward) plus
-2 x params x tokens once (the reference), over the compute time, against the machine's
-bf16 (and fp32) matmul peak measured by one large matmul.
+FLOP/s: the work each framework executes on real (unpadded) tokens, over its compute time,
+against the machine's bf16 (and fp32) matmul peak measured by one large matmul. Ours:
+6 x params x tokens per epoch (forward + backward) plus 2 x params x tokens once (the
+reference pass), where tokens are those of the shared-prompt rows (each pair's prompt once;
+``--ours data.share_prompt=false``: prompt twice). TRL: 6 + 2 x params x tokens per epoch
+(its reference forward runs every step), prompt twice. FLOP/s thus measures how well each
+uses the hardware; pairs/s measures what a user gets.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 # --------------------------------------------------------------------------- workers
 
 
-def run_ours(model: str, pairs: str, out: str) -> dict:
+def run_ours(model: str, pairs: str, out: str, extra: list[str]) -> dict:
     from rlhf_workflow.config import load_config
     from rlhf_workflow.training.dpo import DPOConfig, run_dpo
 
@@ -61,7 +65,7 @@ def run_ours(model: str, pairs: str, out: str) -> dict:
         f"optim.lr={LR}", "optim.betas=[0.9,0.999]", "optim.warmup_ratio=0.03", f"dpo.beta={BETA}",
         f"train.epochs={EPOCHS}", f"train.micro_batch_size={MICRO}", f"train.grad_accum={ACCUM}",
         f"train.output_dir={out}", "train.progress=false", "train.log_every=1",
-        f"dpo.reference_batch_size={2 * MICRO}",
+        f"dpo.reference_batch_size={2 * MICRO}", *extra,
     ])
     from rlhf_workflow.training import dpo, reference
 
@@ -86,7 +90,7 @@ def run_ours(model: str, pairs: str, out: str) -> dict:
             "model": str(Path(out) / "model")}
 
 
-def run_trl(model: str, pairs: str, out: str) -> dict:
+def run_trl(model: str, pairs: str, out: str, extra: list[str]) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -136,7 +140,7 @@ def final_loss(policy: str, reference: str, pairs: str) -> float:
 
 
 def worker(args) -> None:
-    res = (run_ours if args.worker == "ours" else run_trl)(args.model, args.data, args.out)
+    res = (run_ours if args.worker == "ours" else run_trl)(args.model, args.data, args.out, args.ours)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["final_loss"] = final_loss(res["model"], args.model, args.data)
     print("RESULT " + json.dumps(res))
@@ -145,8 +149,9 @@ def worker(args) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def token_stats(model: str, pairs: str) -> tuple[int, int]:
-    """(parameters without the input embedding, real tokens of chosen + rejected)."""
+def token_stats(model: str, pairs: str) -> tuple[int, int, int]:
+    """(parameters without the input embedding, real tokens of chosen + rejected, real tokens
+    of the shared-prompt rows)."""
     from rlhf_workflow.config import ModelConfig
     from rlhf_workflow.data.pairs import tokenize_pair
     from rlhf_workflow.data.readers import read_records
@@ -156,13 +161,13 @@ def token_stats(model: str, pairs: str) -> tuple[int, int]:
     m = load_model(ModelConfig(path=model))
     params = sum(p.numel() for p in m.parameters()) - m.get_input_embeddings().weight.numel()
     tok = load_tokenizer(ModelConfig(path=model))
-    tokens = sum(len(tokenize_pair(tok, r, MAX_LEN, 1000)) for r in read_records(pairs, PreferencePair))
-    return params, tokens
+    tokenized = [tokenize_pair(tok, r, MAX_LEN, 1000) for r in read_records(pairs, PreferencePair)]
+    return params, sum(len(p) for p in tokenized), sum(p.shared_len() for p in tokenized)
 
 
-def spawn(kind: str, model: str, pairs: str, out: str, epochs: int) -> dict:
+def spawn(kind: str, model: str, pairs: str, out: str, epochs: int, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", pairs, "--out", out,
-           "--epochs", str(epochs)]
+           "--epochs", str(epochs), *(f"--ours={o}" for o in extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
@@ -177,6 +182,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--sizes", default="small,large")
     p.add_argument("--repeats", type=int, default=1, help="runs per framework; the fastest counts")
+    p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `rlhf dpo` option for our side, e.g. data.share_prompt=false (repeatable)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -199,21 +206,23 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         model = str(init_model(InitModelConfig(out=str(root / size), **SIZES[size])))
-        params, tokens = token_stats(model, str(pairs))
+        params, tokens, shared_tokens = token_stats(model, str(pairs))
+        ours_tokens = tokens if "data.share_prompt=false" in args.ours else shared_tokens
+        executed = {"ours": (6 * EPOCHS + 2) * params * ours_tokens, "trl": 8 * EPOCHS * params * tokens}
         best: dict[str, dict] = {}
         for r in range(args.repeats):
             for kind in ("ours", "trl"):
-                res = spawn(kind, model, str(pairs), str(root / f"{size}-{kind}-{r}"), EPOCHS)
+                res = spawn(kind, model, str(pairs), str(root / f"{size}-{kind}-{r}"), EPOCHS,
+                            args.ours)
                 if kind not in best or res["compute_s"] < best[kind]["compute_s"]:
                     best[kind] = res
-        for res in best.values():
+        for kind, res in best.items():
             res["pairs_per_s"] = args.pairs * EPOCHS / res["compute_s"]
             res["pairs_per_s_end_to_end"] = args.pairs * EPOCHS / res["wall_s"]
-            # the work DPO needs: forward + backward per trained token, one reference forward
-            res["flops"] = (6 * EPOCHS + 2) * params * tokens / res["compute_s"]
+            res["flops"] = executed[kind] / res["compute_s"]
         ratio = best["ours"]["pairs_per_s"] / best["trl"]["pairs_per_s"]
         print(f"\n{size}: {params / 1e6:.1f}M params (without input embedding), {args.pairs} pairs, "
-              f"{tokens} tokens, batch {MICRO}x{ACCUM}, max length {MAX_LEN}, fp32, {EPOCHS} epochs")
+              f"{tokens} tokens ({ours_tokens} in our rows), batch {MICRO}x{ACCUM}, max length {MAX_LEN}, fp32, {EPOCHS} epochs")
         print(f"{'':6} {'compute s':>9} {'pairs/s':>8} {'wall s':>7} {'pairs/s e2e':>11} "
               f"{'peak RSS MB':>11} {'GFLOP/s':>8} {'% bf16':>6} {'% fp32':>6} {'final loss':>10}")
         for kind, res in best.items():
@@ -227,7 +236,7 @@ def main() -> None:
               f"(log 2 = {math.log(2):.4f} at the start)")
         keep = ("compute_s", "wall_s", "pairs_per_s", "pairs_per_s_end_to_end", "peak_rss_mb", "flops",
                 "final_loss", "train_losses")
-        rows.append({"size": size, "params": params, "tokens": tokens, "ratio": ratio,
+        rows.append({"size": size, "params": params, "tokens": tokens, "ours_tokens": ours_tokens, "ratio": ratio,
                      **{k: {x: v[x] for x in keep} for k, v in best.items()}})
     print("\nJSON " + json.dumps({"peak_bf16": peak_bf16, "peak_fp32": peak_fp32, "epochs": EPOCHS,
                                   "pairs": args.pairs, "runs": rows}))

@@ -29,16 +29,21 @@ def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token, (B, T, V) x (B, T) -> (B, T), 0 where the target
+    is -100."""
+    logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return logps * (targets != IGNORE)
+
+
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Per-sequence log-probability of the target tokens, (B, T, V) x (B, T) -> (B,).
 
     Summed over the positions whose target is not -100 (the response tokens), or averaged
     over them with ``average`` (SimPO-style length normalisation).
     """
-    mask = targets != IGNORE
-    logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    total = (logps * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    total = token_logps(logits, targets).sum(-1)
+    return total / (targets != IGNORE).sum(-1).clamp(min=1) if average else total
 
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:

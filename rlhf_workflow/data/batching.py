@@ -105,13 +105,21 @@ def collate_rows(
     }
 
 
-def attention_mask(seq_ids: torch.Tensor, packed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """A 2-D padding mask, or for packed rows a 4-D additive block-diagonal causal mask."""
-    if not packed:
+def attention_mask(
+    seq_ids: torch.Tensor, packed: bool, dtype: torch.dtype, branch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A 2-D padding mask, or for packed rows a 4-D additive block-diagonal causal mask.
+
+    With ``branch`` (the shared-prompt layout of :func:`..pairs.collate_pairs`), a token of
+    branch b > 0 also sees, inside its sequence, only branch 0 (the shared prompt) and itself.
+    """
+    if not packed and branch is None:
         return (seq_ids > 0).long()
     t = seq_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
     same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, :, None] > 0)
+    if branch is not None:
+        same &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
     allowed = (same & causal) | torch.eye(t, dtype=torch.bool, device=seq_ids.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -7,6 +7,12 @@ response alone still does not fit is the response cut: from the right for a poli
 (``keep="start"``, DPO) or from the left for a reward model (``keep="end"``: the score head
 reads the last token, so the end of the answer must stay visible). A response is never cut
 away entirely.
+
+Two batch layouts: 2N rows (the N chosen sequences, then the N rejected ones), or the
+*shared-prompt* layout: one row per pair holding the prompt once, then the chosen response,
+then the rejected one, each response with the positions it has in its own sequence and a
+mask that hides the chosen response from the rejected one. Both compute the same numbers;
+the shared layout runs the prompt through the model once instead of twice and pads less.
 """
 
 from __future__ import annotations
@@ -28,6 +34,25 @@ class TokenizedPair:
 
     def __len__(self) -> int:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+    def shared_prefix(self) -> int:
+        """Leading tokens the shared-prompt layout holds once: the common prompt prefix less
+        its last token, whose logits predict each response's first token (each branch
+        starts with it)."""
+        c, r = self.chosen, self.rejected
+        limit = min(_response_start(c), _response_start(r))
+        n = 0
+        while n < limit and c.input_ids[n] == r.input_ids[n]:
+            n += 1
+        return max(n - 1, 0)
+
+    def shared_len(self) -> int:
+        """Tokens of this pair's row in the shared-prompt layout."""
+        return len(self) - self.shared_prefix()
+
+
+def _response_start(tok: Tokenized) -> int:
+    return tok.loss_mask.index(True) if True in tok.loss_mask else len(tok.input_ids)
 
 
 def tokenize_response(tokenizer, prompt: list[dict], response: list[dict], max_length: int,
@@ -59,14 +84,39 @@ def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int,
     return TokenizedPair(c, r, tc or tr)
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict:
-    """One batch of 2N rows: the N chosen sequences first, then the N rejected ones."""
-    rows = [[(p.chosen.input_ids, p.chosen.targets())] for p in pairs]
-    rows += [[(p.rejected.input_ids, p.rejected.targets())] for p in pairs]
-    batch = collate_rows(rows, pad_id)
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, shared: bool = False) -> dict:
+    """A batch of N pairs: 2N rows (chosen first), or with ``shared`` N rows in the
+    shared-prompt layout, with ``branch`` (0 prompt, 1 chosen, 2 rejected) and ``ends``,
+    (N, 2), the last position of each response (where a reward head reads)."""
+    if not shared:
+        rows = [[(p.chosen.input_ids, p.chosen.targets())] for p in pairs]
+        rows += [[(p.rejected.input_ids, p.rejected.targets())] for p in pairs]
+        batch = collate_rows(rows, pad_id)
+    else:
+        k = [p.shared_prefix() for p in pairs]
+        batch = collate_rows([[(p.chosen.input_ids + p.rejected.input_ids[s:],
+                                p.chosen.targets() + p.rejected.targets()[s:])]
+                              for p, s in zip(pairs, k, strict=True)], pad_id)
+        branch, ends = torch.zeros_like(batch["seq_ids"]), []
+        for i, (p, s) in enumerate(zip(pairs, k, strict=True)):
+            c, r = len(p.chosen.input_ids), len(p.rejected.input_ids)
+            branch[i, s:c], branch[i, c : c + r - s] = 1, 2
+            batch["position_ids"][i, c : c + r - s] = torch.arange(s, r)
+            ends.append([c - 1, c + r - s - 1])
+        batch.update(branch=branch, ends=torch.tensor(ends), packed=torch.tensor(True))
     batch["num_items"] = len(pairs)
     batch["num_tokens"] = int((batch["seq_ids"] > 0).sum())
     return batch
+
+
+def per_response(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sums of token values (B, T') over the last T' columns of ``batch``: per row, or in the
+    shared-prompt layout per response, the N chosen first: (2N,) for N pairs either way."""
+    branch = batch.get("branch")
+    if branch is None:
+        return values.sum(-1)
+    branch = branch[:, branch.shape[1] - values.shape[1] :]
+    return torch.cat([(values * (branch == b)).sum(-1) for b in (1, 2)])
 
 
 def last_token_index(seq_ids: torch.Tensor) -> torch.Tensor:

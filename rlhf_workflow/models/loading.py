@@ -48,6 +48,21 @@ def load_model(cfg: ModelConfig, head: str = "causal_lm", **kwargs):
         raise UserError(f"could not load model {cfg.path!r}: {_first_line(e)}") from None
 
 
+def unwrap(model):
+    """The model inside a distributed wrapper (DDP, DeepSpeed), or the model itself."""
+    return getattr(model, "module", model)
+
+
+def param_dtype(model) -> torch.dtype:
+    """The dtype of the weights (additive attention masks are built in it)."""
+    return next(model.parameters()).dtype
+
+
+def uses_flash_attention(model) -> bool:
+    """Flash attention takes no 4-D masks: packed rows rely on positions alone there."""
+    return (unwrap(model).config._attn_implementation or "").startswith("flash")
+
+
 def save_model(model, tokenizer, out: str | Path) -> Path:
     """Save model and tokenizer into ``out`` via a temporary sibling folder and a rename."""
     out = Path(out)

@@ -12,6 +12,10 @@ defaults: global batch 512, lr 2e-6, 1 epoch, cosine, warmup 0.03).
 - **Truncation** keeps the end of the response (what the head reads): the prompt is cut from
   the left first, down to ``max_prompt_length`` tokens, then the response from its start.
   Truncated pairs are counted and reported (``data.on_long`` can skip or reject them instead).
+- **Shared prompt.** A decoder reads a pair as one row: the prompt once, then the chosen and
+  the rejected response, each at the positions it has in its own sequence, a mask keeping
+  them apart; the head reads each response's last token. Same rewards as two rows, with the
+  prompt computed once (``data.share_prompt``; encoders and flash attention use two rows).
 - **Encoders** (BERT-style, no chat template) read ``prompt`` and ``response`` as a text pair
   with the tokenizer's own special tokens (``[CLS] prompt [SEP] response [SEP]``, token types
   0/1); their head reads ``[CLS]``.
@@ -34,14 +38,14 @@ from tqdm.auto import tqdm
 
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
 from ..data import readers
-from ..data.batching import collate_rows
+from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, Tokenized
 from ..data.pairs import TokenizedPair, collate_pairs, tokenize_pair, tokenize_response
 from ..data.records import PreferencePair, Prompt
 from ..errors import UserError
 from ..io import write_json, write_jsonl
 from ..losses import bt_loss
-from ..models.loading import load_model, load_tokenizer
+from ..models.loading import load_model, load_tokenizer, param_dtype, unwrap, uses_flash_attention
 from ..training.loop import StepOutput, TrainData, train
 
 PAD_TOKEN = "<|pad|>"
@@ -83,6 +87,11 @@ class RMDataConfig(PairDataConfig):
     margin_field: str | None = Field(
         None,
         description="numeric field (top level or in meta) used as the BT margin (Llama-2 style)",
+    )
+    share_prompt: bool = Field(
+        True,
+        description="decoders: one row per pair, the prompt once, then chosen and rejected behind "
+        "a mask (not with flash attention)",
     )
 
 
@@ -317,8 +326,16 @@ def tokenize_pairs(
 
 def rewards(model, batch: dict) -> torch.Tensor:
     """Scalar reward per row, (B,). Rows are right-padded; the head reads the last real token
-    (decoders, via the dedicated pad token) or ``[CLS]`` (encoders)."""
+    (decoders, via the dedicated pad token) or ``[CLS]`` (encoders). In the shared-prompt
+    layout, one reward per response, (2N,), the chosen first."""
     real = batch["seq_ids"] > 0
+    if "branch" in batch:
+        mask = attention_mask(batch["seq_ids"], True, param_dtype(model), batch["branch"])
+        hidden = model(input_ids=batch["input_ids"], attention_mask=mask,
+                       position_ids=batch["position_ids"], output_hidden_states=True).hidden_states[-1]
+        rows = torch.arange(len(hidden), device=hidden.device)
+        last = torch.cat([hidden[rows, batch["ends"][:, 0]], hidden[rows, batch["ends"][:, 1]]])
+        return unwrap(model).score(last)[:, 0].float()
     extra = {}
     if getattr(model.config, "type_vocab_size", 0) > 1:  # text pairs: response tokens are type 1
         types = torch.zeros_like(batch["input_ids"])
@@ -326,6 +343,12 @@ def rewards(model, batch: dict) -> torch.Tensor:
         extra["token_type_ids"] = types
     out = model(input_ids=batch["input_ids"], attention_mask=real.long(), **extra)
     return out.logits[:, 0].float()
+
+
+def shares_prompt(model, tokenizer) -> bool:
+    """Whether pairs can use the shared-prompt layout: a decoder reading the chat template,
+    with a ``score`` head, and attention that takes a 4-D mask (not flash attention)."""
+    return uses_chat_template(tokenizer) and hasattr(model, "score") and not uses_flash_attention(model)
 
 
 def bt_objective(model, batch: dict) -> StepOutput:
@@ -485,10 +508,11 @@ def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
     )
 
     pad_id = tokenizer.pad_token_id
+    shared = d.share_prompt and shares_prompt(model, tokenizer)
 
     def collate(batch_rows: list[list[int]]) -> dict:
         items = [train_set[r[0]] for r in batch_rows]
-        batch = collate_pairs([tok for _, tok in items], pad_id)
+        batch = collate_pairs([tok for _, tok in items], pad_id, shared)
         if d.margin_field:
             batch["margin"] = torch.tensor([row.margin for row, _ in items])
         return batch
@@ -496,7 +520,7 @@ def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
     def evaluate(m) -> dict[str, float]:
         return evaluate_pairs(m, test_set, pad_id, cfg.eval_batch_size) if test_set else {}
 
-    data = TrainData([len(tok) for _, tok in train_set], collate)
+    data = TrainData([tok.shared_len() if shared else len(tok) for _, tok in train_set], collate)
     record = train(
         model,
         tokenizer,

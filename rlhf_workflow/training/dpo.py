@@ -4,8 +4,10 @@ Paper defaults (RECIPE.md, the DPO step of each online iteration): warm start fr
 current policy, reference = the SFT model, sigmoid loss with beta 0.1, log-probs summed over
 response tokens, lr 5e-7, cosine, warmup 0.03, 2 epochs, global batch 128, max length 2048.
 
-How a step runs: the N chosen and N rejected sequences of a micro-batch go through the
-policy in one forward pass of 2N padded rows (batches are length-grouped to cut padding).
+How a step runs: the N pairs of a micro-batch go through the policy in one forward pass of
+N rows, each holding its prompt once and then the chosen and the rejected response, which a
+mask keeps from seeing each other (``data.share_prompt``; without it, or with flash
+attention, 2N padded rows). Batches are length-grouped to cut padding.
 The reference log-probs are not computed during training at all: one no-grad pass before
 training writes them to a cache file keyed by the reference model and the tokenized pairs
 (:mod:`.reference`), the reference model is then freed, and every epoch and every resumed
@@ -27,7 +29,7 @@ from pydantic import Field, model_validator
 
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
 from ..data.chat import IGNORE
-from ..data.pairs import TokenizedPair, collate_pairs, tokenize_pair
+from ..data.pairs import TokenizedPair, collate_pairs, per_response, tokenize_pair
 from ..data.readers import read_records
 from ..data.records import PreferencePair
 from ..errors import UserError
@@ -44,6 +46,10 @@ class DPODataConfig(Config):
     max_length: int = Field(2048, ge=8, description="tokens of prompt + response, per sequence")
     max_prompt_length: int | None = Field(
         1000, ge=1, description="prompt tokens kept (from the end) when prompt + response is too long"
+    )
+    share_prompt: bool = Field(
+        True, description="one row per pair: the prompt once, then chosen and rejected behind a mask "
+        "(not with flash attention)"
     )
 
 
@@ -95,7 +101,7 @@ def dpo_objective(cfg: DPOLossConfig) -> Objective:
 
     def objective(model, batch: dict) -> StepOutput:
         sums = ref_cache.response_logps(model, batch)  # (2N,), one forward pass
-        counts = (batch["targets"] != IGNORE).sum(-1).clamp(min=1)
+        counts = per_response((batch["targets"] != IGNORE).float(), batch).clamp(min=1)
         avgs = sums / counts
         logps = avgs if average else sums
         chosen, rejected = logps.chunk(2)
@@ -135,11 +141,12 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     print(f"dpo: {len(pairs)} pairs ({sum(p.truncated for p in pairs)} truncated to max_length "
           f"{cfg.data.max_length}), loss {kind.value}, beta {cfg.dpo.beta}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shared = cfg.data.share_prompt and not (cfg.model.attn_implementation or "").startswith("flash")
 
     policy = None
     ref = None
     if kind.needs_reference:
-        ref, policy = reference_logps(cfg, pairs, pad_id, out)
+        ref, policy = reference_logps(cfg, pairs, pad_id, out, shared)
     elif cfg.reference is not None:
         print(f"dpo: loss {kind.value} is reference-free; reference {cfg.reference} is not used")
     if policy is None:
@@ -147,12 +154,13 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
 
     def collate(rows: list[list[int]]) -> dict:
         idx = [row[0] for row in rows]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id)
+        batch = collate_pairs([pairs[i] for i in idx], pad_id, shared)
         if ref is not None:
             batch["ref_logps"] = ref[idx]
         return batch
 
-    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    lengths = [p.shared_len() if shared else max(len(p.chosen.input_ids), len(p.rejected.input_ids))
+               for p in pairs]
     train(policy, tokenizer, TrainData(lengths, collate), dpo_objective(cfg.dpo), cfg.train,
           cfg.optim, on_step=on_step, run_config=cfg)
     if cfg.lora.r and PartialState().is_main_process:
@@ -160,7 +168,7 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     return out / "model"
 
 
-def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out: Path):
+def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out: Path, shared: bool):
     """(ref log-probs (N, 2), the policy if it was loaded for the pass, else None).
 
     A reference that is the starting policy (``reference`` None or the same folder as
@@ -192,7 +200,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out
                             f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
         logps = ref_cache.compute_reference_logps(
             model.to(state.device), pairs, pad_id, cfg.dpo.reference_batch_size, bf16,
-            cfg.train.progress)
+            cfg.train.progress, shared)
         ref_cache.save_cache(path, key, logps, source)
         del model
         gc.collect()

@@ -20,10 +20,12 @@ import torch
 from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
+from ..data.batching import attention_mask
 from ..data.chat import IGNORE
-from ..data.pairs import TokenizedPair, collate_pairs
+from ..data.pairs import TokenizedPair, collate_pairs, per_response
 from ..io import atomic_open
-from ..losses import sequence_logps
+from ..losses import token_logps
+from ..models.loading import param_dtype
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -53,24 +55,28 @@ def cache_key(identity: dict, dtype: str, pairs: list[TokenizedPair]) -> str:
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
-    """Summed response log-probs of each row of a padded batch, (2N,).
+    """Summed response log-probs of a padded batch: one per row, or per response in the
+    shared-prompt layout (chosen first), i.e. (2N,) for a batch of N pairs.
 
     Logits are computed only from the first response position on (``logits_to_keep``), so
     the LM head and the log-softmax never run over the prompt part of the batch.
     """
-    seq_ids, targets = batch["seq_ids"], batch["targets"]
+    seq_ids, targets, branch = batch["seq_ids"], batch["targets"], batch.get("branch")
     has_target = (targets != IGNORE).any(0)
     start = int(has_target.nonzero()[0]) if has_target.any() else 0
     keep = targets.shape[1] - start
-    logits = model(input_ids=batch["input_ids"], attention_mask=(seq_ids > 0).long(),
+    mask = attention_mask(seq_ids, branch is not None, param_dtype(model), branch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask,
                    position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    return sequence_logps(logits[:, -keep:], targets[:, start:])
+    return per_response(token_logps(logits[:, -keep:], targets[:, start:]), batch)
 
 
 @torch.no_grad()
 def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
-                            bf16: bool = False, progress: bool = True) -> torch.Tensor:
-    """(N, 2) summed response log-probs of ``pairs`` under ``model`` (chosen, rejected).
+                            bf16: bool = False, progress: bool = True,
+                            shared: bool = False) -> torch.Tensor:
+    """(N, 2) summed response log-probs of ``pairs`` under ``model`` (chosen, rejected),
+    batched in the shared-prompt layout with ``shared``.
 
     A PEFT model is run with its adapters disabled, i.e. as its base model.
     """
@@ -78,14 +84,14 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batc
     model.eval()
     device = next(model.parameters()).device
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
-    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i].chosen.input_ids), len(pairs[i].rejected.input_ids)))
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))
     adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with adapters_off, autocast:
         for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs",
                       disable=not progress, dynamic_ncols=True):
             idx = order[b : b + batch_size]
-            batch = collate_pairs([pairs[i] for i in idx], pad_id)
+            batch = collate_pairs([pairs[i] for i in idx], pad_id, shared)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             logps = response_logps(model, batch).float().cpu()
             out[idx] = torch.stack(logps.chunk(2), dim=1)

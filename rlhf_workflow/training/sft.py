@@ -19,7 +19,7 @@ from ..data.readers import read_records
 from ..data.records import SFTExample
 from ..errors import UserError
 from ..losses import token_nll_sum
-from ..models.loading import load_model, load_tokenizer
+from ..models.loading import load_model, load_tokenizer, param_dtype, uses_flash_attention
 from .loop import StepOutput, TrainData, train
 
 
@@ -55,10 +55,9 @@ def tokenize_sft(tokenizer, examples: list[SFTExample], max_length: int, train_o
 
 
 def sft_objective(model, batch: dict) -> StepOutput:
-    attn = model.config._attn_implementation or ""
     packed = bool(batch["packed"])
-    mask = None if packed and attn.startswith("flash") else attention_mask(
-        batch["seq_ids"], packed, model.dtype
+    mask = None if packed and uses_flash_attention(model) else attention_mask(
+        batch["seq_ids"], packed, param_dtype(model)
     )
     logits = model(
         input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]

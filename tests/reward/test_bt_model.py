@@ -20,8 +20,11 @@ from rlhf_workflow.reward.bt import (
     ensure_pad_token,
     load_reward_model,
     read_pairs,
+    rewards,
     run_rm_train,
     score,
+    score_tokenized,
+    shares_prompt,
 )
 from rlhf_workflow.sandbox import corpus
 
@@ -202,6 +205,30 @@ def test_score_restores_order_and_matches_unbatched(trained_rm):
     assert batched == pytest.approx(alone, abs=1e-5)
     assert naive == pytest.approx(alone, abs=1e-5)
     assert len(set(round(x, 6) for x in batched)) == len(batched)
+
+
+def test_shared_prompt_layout_gives_the_same_rewards_and_gradients(trained_rm, sandbox_data):
+    model, tok = load_reward_model(trained_rm)
+    assert shares_prompt(model, tok)
+    rows, _ = read_pairs(str(sandbox_data / "prefs_test.jsonl"))
+    pairs = [encode_pair(tok, r.pair, 128) for r in rows[:12]]
+    assert any(p.shared_prefix() > 10 for p in pairs)
+    alone = score_tokenized(model, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                            tok.pad_token_id)
+    model.train()
+    grads, outs = [], []
+    for layout in (False, True):
+        model.zero_grad()
+        batch = collate_pairs(pairs, tok.pad_token_id, layout)
+        torch.testing.assert_close(rewards(model, batch).tolist(), alone, atol=1e-5, rtol=1e-5)
+        out = bt_objective(model, batch)
+        out.loss_sum.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[1].loss_sum, outs[0].loss_sum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1].metric_sums, outs[0].metric_sums, atol=1e-4, rtol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
 
 
 def test_bf16_scores_close_to_fp32(trained_rm):

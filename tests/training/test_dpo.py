@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rlhf_workflow.cli import main
 from rlhf_workflow.config import ModelConfig, load_config
-from rlhf_workflow.data.pairs import tokenize_pair
+from rlhf_workflow.data.pairs import collate_pairs, tokenize_pair
 from rlhf_workflow.data.readers import read_records
 from rlhf_workflow.data.records import PreferencePair
 from rlhf_workflow.losses import sequence_logps
@@ -138,6 +138,34 @@ def test_cached_reference_logps_equal_fresh_ones(tiny_model, sandbox_data, tmp_p
     half = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 7, bf16=True, progress=False)
     torch.testing.assert_close(half, batched, rtol=0.02, atol=0.5)
 
+
+
+@pytest.mark.parametrize("max_length", [64, 256])  # 64: truncated pairs, prompts cut differently
+def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model, sandbox_data, max_length):
+    cfg = ModelConfig(path=str(tiny_model))
+    tok, model = load_tokenizer(cfg), load_model(cfg)
+    records = read_records(sandbox_data / "prefs_train.jsonl", PreferencePair)[:16]
+    pairs = [tokenize_pair(tok, r, max_length, 16) for r in records]
+    assert any(p.shared_prefix() > 10 for p in pairs)
+    two_rows = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False)
+    shared = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False, shared=True)
+    torch.testing.assert_close(shared, two_rows, atol=1e-4, rtol=1e-5)
+    objective = dpo_module.dpo_objective(load_config(dpo_module.DPOLossConfig, None, ["rpo_alpha=0.5"]))
+    offset_ref = two_rows[:8] + torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    grads, outs = [], []
+    for layout in (False, True):
+        model.zero_grad()
+        batch = collate_pairs(pairs[:8], tok.pad_token_id, layout)
+        batch["ref_logps"] = offset_ref  # policy != reference: a non-trivial gradient
+        out = objective(model, batch)
+        out.loss_sum.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[1].loss_sum, outs[0].loss_sum, atol=1e-5, rtol=1e-5)
+    for key in outs[0].metric_sums:
+        torch.testing.assert_close(outs[1].metric_sums[key], outs[0].metric_sums[key], atol=1e-4, rtol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
 
 def test_separate_reference_checkpoint(tiny_model, learnable_pairs, tmp_path, monkeypatch):
     other = init_model(InitModelConfig(out=str(tmp_path / "other"), hidden_size=64, intermediate_size=128,

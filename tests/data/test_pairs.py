@@ -1,0 +1,68 @@
+"""Tokenized pairs in the shared-prompt layout: one row per pair, prompt once."""
+
+import torch
+
+from rlhf_workflow.data.batching import attention_mask
+from rlhf_workflow.data.chat import IGNORE
+from rlhf_workflow.data.pairs import collate_pairs, per_response, tokenize_pair
+from rlhf_workflow.data.records import PreferencePair
+
+
+def _pair(tokenizer, chosen, rejected, max_length=256, prompt="What is 12 + 30?"):
+    return tokenize_pair(tokenizer, PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected),
+                         max_length, 4)
+
+
+def test_shared_row_holds_the_prompt_once_then_both_responses(tokenizer):
+    long = _pair(tokenizer, "Answer: 42, since 12 + 30 = 42.", "Answer: 41")
+    short = _pair(tokenizer, "42", "I do not know.")
+    b = collate_pairs([long, short], tokenizer.pad_token_id, shared=True)
+    assert b["input_ids"].shape[0] == 2 and b["num_items"] == 2
+    for i, p in enumerate((long, short)):
+        c, r = p.chosen, p.rejected
+        start = c.loss_mask.index(True)
+        k = p.shared_prefix()
+        # shared: the prompt less its last token, even though both responses begin "Answer: "
+        assert k == start - 1 == r.loss_mask.index(True) - 1
+        n = p.shared_len()
+        assert n == len(c.input_ids) + len(r.input_ids) - k
+        assert b["input_ids"][i, :n].tolist() == c.input_ids + r.input_ids[k:]
+        assert b["branch"][i, :n].tolist() == [0] * k + [1] * (len(c.input_ids) - k) + [2] * (len(r.input_ids) - k)
+        assert b["position_ids"][i, :n].tolist() == list(range(len(c.input_ids))) + list(range(k, len(r.input_ids)))
+        assert b["targets"][i, :n].tolist() == c.targets() + r.targets()[k:]
+        assert (b["targets"][i, :k] == IGNORE).all()
+        assert b["ends"][i].tolist() == [len(c.input_ids) - 1, n - 1]
+        assert (b["seq_ids"][i, n:] == 0).all() and (b["seq_ids"][i, :n] == 1).all()
+    assert b["num_tokens"] == long.shared_len() + short.shared_len()
+
+
+def test_pairs_with_different_prompt_ends_share_nothing_and_stay_correct(tokenizer):
+    # a tight max_length cuts the prompt of the longer response further: prefixes differ
+    p = _pair(tokenizer, "x " * 40, "y", max_length=48, prompt="a b c d e f g h i j k l m n o p")
+    assert p.truncated and p.chosen.input_ids[0] != p.rejected.input_ids[0]
+    assert p.shared_prefix() == 0
+    b = collate_pairs([p], tokenizer.pad_token_id, shared=True)
+    assert b["input_ids"][0, : p.shared_len()].tolist() == p.chosen.input_ids + p.rejected.input_ids
+
+
+def test_branch_mask_hides_the_chosen_response_from_the_rejected_one(tokenizer):
+    p = _pair(tokenizer, "Answer: 42", "Answer: 7")
+    b = collate_pairs([p], tokenizer.pad_token_id, shared=True)
+    sees = attention_mask(b["seq_ids"], True, torch.float32, b["branch"])[0, 0] == 0
+    branch = b["branch"][0]
+    k, c = p.shared_prefix(), len(p.chosen.input_ids)
+    rejected, chosen = (branch == 2).nonzero()[:, 0], (branch == 1).nonzero()[:, 0]
+    for q in rejected:  # the rejected response sees the prompt and its own past only
+        assert sees[q, :k].all() and not sees[q, k:c].any()
+        assert sees[q, c : q + 1].all() and not sees[q, q + 1 :].any()
+    for q in chosen:  # the chosen response: the prompt and its own past (plain causal)
+        assert sees[q, : q + 1].all() and not sees[q, q + 1 :].any()
+
+
+def test_per_response_sums_rows_or_branches():
+    values = torch.arange(12.0).reshape(2, 6)
+    assert per_response(values, {}).tolist() == [15.0, 51.0]
+    branch = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 0]])
+    assert per_response(values, {"branch": branch}).tolist() == [5.0, 8.0, 9.0, 19.0]
+    # values of the last columns only (logits kept from the first response position on)
+    assert per_response(values[:, 2:], {"branch": branch}).tolist() == [5.0, 8.0, 9.0, 19.0]
