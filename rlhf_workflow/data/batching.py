@@ -14,6 +14,10 @@ import torch
 from .chat import IGNORE
 
 
+# Widths rounded up to a multiple of 8 suit GPU matrix units; on CPU the rounding is only padding.
+PAD_MULTIPLE = 8 if torch.cuda.is_available() else 1
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(f"{seed}/{epoch}").shuffle(order)
@@ -72,7 +76,7 @@ def _pack(order: list[int], lengths: list[int], capacity: int) -> list[list[int]
 
 
 def collate_rows(
-    rows: list[list[tuple[list[int], list[int]]]], pad_id: int, pad_to_multiple: int = 8
+    rows: list[list[tuple[list[int], list[int]]]], pad_id: int, pad_to_multiple: int = PAD_MULTIPLE
 ) -> dict[str, torch.Tensor]:
     """Pad rows of (input_ids, targets) sequences into tensors.
 
