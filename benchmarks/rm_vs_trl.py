@@ -8,7 +8,10 @@ and is trained by each framework in a fresh subprocess on the same sandbox prefe
 weight decay, clipping 1.0, cosine with warmup 0.03, 1 epoch, fp32, ``--batch`` pairs per
 step, no gradient checkpointing (TRL's default turns it on; we turn it off so that both
 compute the same thing), no checkpoints. Each framework keeps its own batching defaults:
-ours groups pairs of similar length (``train.group_by_length=true``), TRL's does not.
+ours groups pairs of similar length (``train.group_by_length=true``) and puts each pair in
+one row with its prompt once (``data.share_prompt=true``), TRL's does neither. ``--ours
+KEY=VALUE`` adds options to our side, e.g. ``--ours data.share_prompt=false`` to measure
+without the shared prompt.
 
 Reported per framework: training throughput in pairs/s over the optimizer steps after the
 first (the loop alone, timed by a per-step callback in both), the end-to-end wall time
@@ -45,7 +48,7 @@ def _held_out_accuracy(model_dir: str, test: str) -> float:
     return sum((c > j) + 0.5 * (c == j) for c, j in zip(r[:n], r[n:], strict=True)) / n
 
 
-def run_ours(model: str, train: str, test: str, out: str, batch: int) -> dict:
+def run_ours(model: str, train: str, test: str, out: str, batch: int, extra: list[str]) -> dict:
     from rlhf_workflow.config import load_config
     from rlhf_workflow.reward.bt import RMTrainConfig, run_rm_train
 
@@ -66,6 +69,7 @@ def run_ours(model: str, train: str, test: str, out: str, batch: int) -> dict:
             "train.progress=false",
             "train.log_every=1000",
             f"train.seed={SEED}",
+            *extra,
         ],
     )
     times: list[float] = []
@@ -75,7 +79,7 @@ def run_ours(model: str, train: str, test: str, out: str, batch: int) -> dict:
     return {"steps": len(times), "loop_s": times[-1] - times[0], "wall_s": wall, "model": str(path)}
 
 
-def run_trl(model: str, train: str, test: str, out: str, batch: int) -> dict:
+def run_trl(model: str, train: str, test: str, out: str, batch: int, extra: list[str]) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -152,6 +156,13 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads of each worker (same for both)"
     )
+    p.add_argument(
+        "--ours",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra `rlhf rm train` option for our side, e.g. data.share_prompt=false (repeatable)",
+    )
     p.add_argument("--worker", choices=list(WORKERS))
     p.add_argument("--args", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -160,7 +171,7 @@ def main() -> None:
 
         torch.set_num_threads(a.threads)
         model, train, test, out = json.loads(a.args)
-        res = WORKERS[a.worker](model, train, test, out, a.batch)
+        res = WORKERS[a.worker](model, train, test, out, a.batch, a.ours)
         res["accuracy"] = _held_out_accuracy(res["model"], test)
         print("RESULT " + json.dumps(res))
         return
@@ -197,6 +208,7 @@ def main() -> None:
                     str(a.threads),
                     "--args",
                     args,
+                    *(f"--ours={o}" for o in a.ours),
                 ],
                 capture_output=True,
                 text=True,

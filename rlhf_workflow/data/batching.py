@@ -13,7 +13,6 @@ import torch
 
 from .chat import IGNORE
 
-
 # Widths rounded up to a multiple of 8 suit GPU matrix units; on CPU the rounding is only padding.
 PAD_MULTIPLE = 8 if torch.cuda.is_available() else 1
 

@@ -352,7 +352,8 @@ def shares_prompt(model, tokenizer) -> bool:
 
 
 def bt_objective(model, batch: dict) -> StepOutput:
-    """Summed BT loss over the N pairs of a batch of 2N rows (chosen first), plus metrics."""
+    """Summed BT loss over the N pairs of a batch (2N rows, chosen first, or N shared-prompt
+    rows), plus metrics."""
     r = rewards(model, batch)
     n = batch["num_items"]
     chosen, rejected = r[:n], r[n:]
@@ -509,6 +510,7 @@ def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
 
     pad_id = tokenizer.pad_token_id
     shared = d.share_prompt and shares_prompt(model, tokenizer)
+    print("rm: " + ("one row per pair, prompt shared" if shared else "two rows per pair"))
 
     def collate(batch_rows: list[list[int]]) -> dict:
         items = [train_set[r[0]] for r in batch_rows]

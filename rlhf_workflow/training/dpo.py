@@ -138,10 +138,11 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     records = read_records(cfg.data.train, PreferencePair, cfg.data.split)
     pairs = [tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length, keep="start")
              for r in records]
-    print(f"dpo: {len(pairs)} pairs ({sum(p.truncated for p in pairs)} truncated to max_length "
-          f"{cfg.data.max_length}), loss {kind.value}, beta {cfg.dpo.beta}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shared = cfg.data.share_prompt and not (cfg.model.attn_implementation or "").startswith("flash")
+    print(f"dpo: {len(pairs)} pairs ({sum(p.truncated for p in pairs)} truncated to max_length "
+          f"{cfg.data.max_length}), loss {kind.value}, beta {cfg.dpo.beta}, "
+          + ("one row per pair (prompt shared)" if shared else "two rows per pair"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     policy = None
     ref = None
