@@ -18,6 +18,7 @@ the shared layout runs the prompt through the model once instead of twice and pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,6 +36,7 @@ class TokenizedPair:
     def __len__(self) -> int:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
 
+    @cached_property
     def shared_prefix(self) -> int:
         """Leading tokens the shared-prompt layout holds once: the common prompt prefix less
         its last token, whose logits predict each response's first token (each branch
@@ -48,7 +50,7 @@ class TokenizedPair:
 
     def shared_len(self) -> int:
         """Tokens of this pair's row in the shared-prompt layout."""
-        return len(self) - self.shared_prefix()
+        return len(self) - self.shared_prefix
 
 
 def _response_start(tok: Tokenized) -> int:
@@ -93,7 +95,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, shared: bool = False)
         rows += [[(p.rejected.input_ids, p.rejected.targets())] for p in pairs]
         batch = collate_rows(rows, pad_id)
     else:
-        k = [p.shared_prefix() for p in pairs]
+        k = [p.shared_prefix for p in pairs]
         batch = collate_rows([[(p.chosen.input_ids + p.rejected.input_ids[s:],
                                 p.chosen.targets() + p.rejected.targets()[s:])]
                               for p, s in zip(pairs, k, strict=True)], pad_id)

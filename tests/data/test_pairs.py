@@ -21,7 +21,7 @@ def test_shared_row_holds_the_prompt_once_then_both_responses(tokenizer):
     for i, p in enumerate((long, short)):
         c, r = p.chosen, p.rejected
         start = c.loss_mask.index(True)
-        k = p.shared_prefix()
+        k = p.shared_prefix
         # shared: the prompt less its last token, even though both responses begin "Answer: "
         assert k == start - 1 == r.loss_mask.index(True) - 1
         n = p.shared_len()
@@ -40,7 +40,7 @@ def test_pairs_with_different_prompt_ends_share_nothing_and_stay_correct(tokeniz
     # a tight max_length cuts the prompt of the longer response further: prefixes differ
     p = _pair(tokenizer, "x " * 40, "y", max_length=48, prompt="a b c d e f g h i j k l m n o p")
     assert p.truncated and p.chosen.input_ids[0] != p.rejected.input_ids[0]
-    assert p.shared_prefix() == 0
+    assert p.shared_prefix == 0
     b = collate_pairs([p], tokenizer.pad_token_id, shared=True)
     assert b["input_ids"][0, : p.shared_len()].tolist() == p.chosen.input_ids + p.rejected.input_ids
 
@@ -50,7 +50,7 @@ def test_branch_mask_hides_the_chosen_response_from_the_rejected_one(tokenizer):
     b = collate_pairs([p], tokenizer.pad_token_id, shared=True)
     sees = attention_mask(b["seq_ids"], True, torch.float32, b["branch"])[0, 0] == 0
     branch = b["branch"][0]
-    k, c = p.shared_prefix(), len(p.chosen.input_ids)
+    k, c = p.shared_prefix, len(p.chosen.input_ids)
     rejected, chosen = (branch == 2).nonzero()[:, 0], (branch == 1).nonzero()[:, 0]
     for q in rejected:  # the rejected response sees the prompt and its own past only
         assert sees[q, :k].all() and not sees[q, k:c].any()

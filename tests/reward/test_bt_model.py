@@ -212,7 +212,7 @@ def test_shared_prompt_layout_gives_the_same_rewards_and_gradients(trained_rm, s
     assert shares_prompt(model, tok)
     rows, _ = read_pairs(str(sandbox_data / "prefs_test.jsonl"))
     pairs = [encode_pair(tok, r.pair, 128) for r in rows[:12]]
-    assert any(p.shared_prefix() > 10 for p in pairs)
+    assert any(p.shared_prefix > 10 for p in pairs)
     alone = score_tokenized(model, [p.chosen for p in pairs] + [p.rejected for p in pairs],
                             tok.pad_token_id)
     model.train()

@@ -146,7 +146,7 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model, san
     tok, model = load_tokenizer(cfg), load_model(cfg)
     records = read_records(sandbox_data / "prefs_train.jsonl", PreferencePair)[:16]
     pairs = [tokenize_pair(tok, r, max_length, 16) for r in records]
-    assert any(p.shared_prefix() > 10 for p in pairs)
+    assert any(p.shared_prefix > 10 for p in pairs)
     two_rows = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False)
     shared = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False, shared=True)
     torch.testing.assert_close(shared, two_rows, atol=1e-4, rtol=1e-5)
