@@ -119,8 +119,3 @@ def per_response(values: torch.Tensor, batch: dict) -> torch.Tensor:
         return values.sum(-1)
     branch = branch[:, branch.shape[1] - values.shape[1] :]
     return torch.cat([(values * (branch == b)).sum(-1) for b in (1, 2)])
-
-
-def last_token_index(seq_ids: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token (right padding): where a score head reads."""
-    return (seq_ids > 0).long().sum(-1) - 1

@@ -328,7 +328,6 @@ def rewards(model, batch: dict) -> torch.Tensor:
     """Scalar reward per row, (B,). Rows are right-padded; the head reads the last real token
     (decoders, via the dedicated pad token) or ``[CLS]`` (encoders). In the shared-prompt
     layout, one reward per response, (2N,), the chosen first."""
-    real = batch["seq_ids"] > 0
     if "branch" in batch:
         mask = attention_mask(batch["seq_ids"], True, param_dtype(model), batch["branch"])
         hidden = model(input_ids=batch["input_ids"], attention_mask=mask,
@@ -337,11 +336,11 @@ def rewards(model, batch: dict) -> torch.Tensor:
         last = torch.cat([hidden[rows, batch["ends"][:, 0]], hidden[rows, batch["ends"][:, 1]]])
         return unwrap(model).score(last)[:, 0].float()
     extra = {}
-    if getattr(model.config, "type_vocab_size", 0) > 1:  # text pairs: response tokens are type 1
+    if getattr(unwrap(model).config, "type_vocab_size", 0) > 1:  # text pairs: response tokens are type 1
         types = torch.zeros_like(batch["input_ids"])
         types[:, 1:] = (batch["targets"][:, :-1] != IGNORE).long()
         extra["token_type_ids"] = types
-    out = model(input_ids=batch["input_ids"], attention_mask=real.long(), **extra)
+    out = model(input_ids=batch["input_ids"], attention_mask=(batch["seq_ids"] > 0).long(), **extra)
     return out.logits[:, 0].float()
 
 
