@@ -27,6 +27,8 @@ COMMANDS: dict[str, Command] = {
                     "the workflow on the built-in sandbox, end to end, resumable"),
     "init-model": Command("models.tiny:InitModelConfig", "models.tiny:init_model",
                           "build a tiny HF model + tokenizer from a config (tests, demo)"),
+    "export-model": Command("models.export:ExportModelConfig", "models.export:export_model",
+                            "write a model (e.g. a GGUF file, dequantized) as a safetensors HF folder"),
     "sandbox make-data": Command("sandbox.generate:MakeDataConfig", "sandbox.generate:make_data",
                                  "write the sandbox prompts, SFT data and preference pairs"),
     "sft": Command("training.sft:SFTConfig", "training.sft:run_sft",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
 from .io import write_text
@@ -62,11 +62,28 @@ class TrainConfig(Config):
 
 
 class ModelConfig(Config):
-    path: str = Field("runs/tiny-model", description="local folder or hub name of the model to start from")
-    tokenizer: str | None = Field(None, description="tokenizer folder or hub name (default: the model's)")
+    """A model to load: a Hugging Face folder or hub name, or a GGUF file (dequantized on load).
+
+    ``gguf_file`` is joined into ``path``: ``path=DIR gguf_file=NAME.gguf`` and
+    ``path=DIR/NAME.gguf`` are the same model, and copies of the config with another ``path``
+    (the loop's next policy) do not carry a stale file name along.
+    """
+
+    path: str = Field("runs/tiny-model", description="local folder, hub name, or a .gguf file of the model to start from")
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside `path` to load (dequantized); joined into path (path=DIR/NAME.gguf)")
+    tokenizer: str | None = Field(None, description="tokenizer folder, hub name or .gguf file (default: the model's)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype the weights are loaded in")
     trust_remote_code: bool = Field(False, description="allow code from the model repository to run")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+
+    @model_validator(mode="after")
+    def _join_gguf_file(self) -> ModelConfig:
+        if self.gguf_file:
+            path, name = self.path, self.gguf_file
+            object.__setattr__(self, "gguf_file", None)  # (no re-validation on assignment)
+            object.__setattr__(self, "path", f"{path.rstrip('/')}/{name}")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,7 +1,12 @@
-"""Load models and tokenizers from a local folder or a hub name; save them atomically.
+"""Load models and tokenizers from a local folder, a hub name or a GGUF file; save them atomically.
 
 Weights are saved as safetensors in the Hugging Face layout, so transformers and vLLM load
 the result directly. ``trust_remote_code`` is off unless the config turns it on.
+
+A ``path`` ending in ``.gguf`` (local, or ``org/name/FILE.gguf`` on the hub) is loaded by
+transformers' GGUF reader and dequantized to the configured dtype; the model is then an
+ordinary one (trainable, savable as safetensors). A local folder is checked before
+transformers sees it, so a wrong path is one line saying what was expected and what is there.
 """
 
 from __future__ import annotations
@@ -16,17 +21,29 @@ from ..config import ModelConfig
 from ..errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPECTED = "a Hugging Face model folder (config.json + *.safetensors weights), a .gguf file or a hub name"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def split_gguf(name: str) -> tuple[str, str | None]:
+    """(folder or hub repository, GGUF file name or None) of a model path."""
+    if name.lower().endswith(".gguf"):
+        folder, _, file = name.rpartition("/")
+        return folder or ".", file
+    return name, None
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.path
-    _check_exists(name)
+    source, gguf = split_gguf(name)
+    _check_local(name, "tokenizer", "tokenizer" if cfg.tokenizer else "model")
+    extra = {"gguf_file": gguf} if gguf else {}
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load tokenizer {name!r}: {_first_line(e)}") from None
+        raise UserError(f"could not load tokenizer {name!r} (expected {EXPECTED}): {_one_line(e)}") from None
 
 
 def load_model(cfg: ModelConfig, head: str = "causal_lm", **kwargs):
@@ -34,18 +51,34 @@ def load_model(cfg: ModelConfig, head: str = "causal_lm", **kwargs):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
-    _check_exists(cfg.path)
+    source, gguf = split_gguf(cfg.path)
+    _check_local(cfg.path, "model")
     extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    if gguf:
+        extra["gguf_file"] = gguf
     try:
-        return cls.from_pretrained(
-            cfg.path,
+        loaded = cls.from_pretrained(
+            source,
             dtype=DTYPES[cfg.dtype],
             trust_remote_code=cfg.trust_remote_code,
             **extra,
             **kwargs,
         )
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load model {cfg.path!r}: {_first_line(e)}") from None
+        raise UserError(f"could not load model {cfg.path!r} (expected {EXPECTED}): {_one_line(e)}") from None
+    if gguf:
+        _as_plain_model(loaded[0] if isinstance(loaded, tuple) else loaded, cfg.path)
+    return loaded
+
+
+def _as_plain_model(model, path: str) -> None:
+    """A GGUF checkpoint's weights are dequantized on load, but transformers keeps its
+    quantizer and ``quantization_config`` on the model and refuses to save it; drop both so the
+    model trains and saves like any other."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = path  # (the GGUF's "general.name" otherwise)
 
 
 def unwrap(model):
@@ -82,11 +115,45 @@ def save_model(model, tokenizer, out: str | Path) -> Path:
     return out
 
 
-def _check_exists(name: str) -> None:
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise UserError(f"model path not found: {name}")
+def _check_local(name: str, what: str, label: str = "model") -> None:
+    """A :class:`UserError` naming what was expected and what was found, for a local path that
+    is not a loadable model (hub names are left to transformers)."""
+    source, gguf = split_gguf(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if name.startswith((".", "/", "~")) or source.count("/") != 1:  # not an org/name on the hub
+            raise UserError(f"{label} path not found: {name}")
+        return
+    if gguf:
+        if not path.is_file():
+            raise UserError(f"{name} is not a file; expected a .gguf file")
+        return
+    if not path.is_dir():
+        raise UserError(f"{name} is a file; expected {EXPECTED}")
+    files = sorted(f.name for f in path.iterdir())
+    ggufs = [f for f in files if f.lower().endswith(".gguf")]
+    if "config.json" not in files and ggufs:
+        raise UserError(
+            f"{name} is a GGUF folder ({', '.join(ggufs)}), not a Hugging Face model folder: load a file "
+            f"with model.gguf_file={ggufs[0]} (or model.path={name.rstrip('/')}/{ggufs[0]}), or convert it "
+            f"once with `rlhf export-model model.path={name.rstrip('/')}/{ggufs[0]} out=DIR`")
+    if what == "tokenizer" and not any(f in files for f in TOKENIZER_FILES):
+        raise UserError(f"{name} holds no tokenizer: expected {' or '.join(TOKENIZER_FILES[:2])} "
+                        f"(or a .gguf file, or a hub name); found {_listing(files)}")
+    if what == "model" and ("config.json" not in files or not any(f.endswith(".safetensors") for f in files)):
+        raise UserError(f"{name} is not a Hugging Face model folder: expected config.json and "
+                        f"*.safetensors weights (or a .gguf file, or a hub name); found {_listing(files)}")
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def _listing(files: list[str], limit: int = 8) -> str:
+    if not files:
+        return "an empty folder"
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(files[:limit]) + more
+
+
+def _one_line(e: Exception) -> str:
+    """The whole message of a library exception on one line (its first line alone is often
+    cut off mid-sentence)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
