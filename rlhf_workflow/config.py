@@ -45,16 +45,33 @@ class TrainConfig(Config):
     output_dir: str = Field("runs/train", description="folder for checkpoints, metrics and the final model")
     epochs: float = Field(1.0, gt=0, description="passes over the training data")
     max_steps: int = Field(0, ge=0, description="optimizer steps to run (0 = derive from epochs)")
+    global_batch_size: int = Field(
+        8, ge=1, description="sequences (or pairs) per optimizer step over all processes; accumulation "
+        "= global / (micro_batch_size x processes)")
     micro_batch_size: int = Field(8, ge=1, description="sequences (or pairs) per forward pass per process")
-    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     seed: int = Field(42, description="seed for initialisation, data order and sampling")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision")
+    strategy: Literal["auto", "single", "ddp", "fsdp", "zero2", "zero3"] = Field(
+        "auto", description="how processes share the work: auto (ddp on several processes), ddp, "
+        "fsdp (FSDP2: weights, gradients, optimizer sharded), zero2/zero3 (DeepSpeed)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="compute precision on fp32 weights: auto = bf16 on a GPU that has it, else fp32")
+    allow_low_precision_weights: bool = Field(
+        False, description="allow AdamW on bf16/fp16 weights (updates below their precision are lost)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, ~30% more compute)")
     group_by_length: bool = Field(True, description="batch sequences of similar length to cut padding")
     log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
     eval_every: int = Field(0, ge=0, description="optimizer steps between held-out evaluations (0 = only at the end)")
-    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0 = only at the end)")
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0 = by time only)")
+    save_minutes: float = Field(
+        30.0, ge=0, description="also checkpoint when this many minutes passed since the last one (0 = off)")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
-    resume: bool = Field(True, description="continue from the last checkpoint in output_dir if there is one")
+    resume: Literal["auto", "force", "restart"] = Field(
+        "auto", description="auto: continue from the last checkpoint if the settings are unchanged (else "
+        "stop); force: continue with the new settings; restart: clear output_dir and start over")
+    save_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="dtype of the exported model (None: as trained, fp32)")
+    timeout_minutes: float = Field(30.0, gt=0, description="how long a rank waits for the others")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="extra metric trackers besides metrics.jsonl"
     )

@@ -55,23 +55,23 @@ def _train(**kw) -> TrainConfig:
 SANDBOX_SFT = SFTConfig(
     model=ModelConfig(path=SET), data=SFTDataConfig(train=SET, max_length=256),
     optim=OptimConfig(lr=3e-3, warmup_ratio=0.05),
-    train=_train(epochs=10, micro_batch_size=16, log_every=20),
+    train=_train(epochs=10, global_batch_size=16, micro_batch_size=16, log_every=20),
 )
 SANDBOX_RM = RMTrainConfig(
     model=ModelConfig(path=SET), data=RMDataConfig(train=SET, test=SET, max_length=256),
     optim=OptimConfig(lr=1e-3, warmup_ratio=0.03),
-    train=_train(epochs=1, micro_batch_size=16, grad_accum=1, eval_every=0),
+    train=_train(epochs=1, global_batch_size=16, micro_batch_size=16, eval_every=0),
 )
 SANDBOX_PM = PMTrainConfig(
     model=ModelConfig(path=SET), data=PairDataConfig(train=SET, test=SET, max_length=512),
     optim=OptimConfig(lr=1e-3, warmup_ratio=0.03),
-    train=_train(epochs=1, micro_batch_size=16, grad_accum=1, eval_every=0),
+    train=_train(epochs=1, global_batch_size=16, micro_batch_size=16, eval_every=0),
 )
 SANDBOX_DPO = DPOConfig(
     model=ModelConfig(path=SET), reference=SET, data=DPODataConfig(train=SET, max_length=256),
     dpo=DPOLossConfig(beta=0.1),
     optim=OptimConfig(lr=2e-5, warmup_ratio=0.03),
-    train=_train(epochs=2, micro_batch_size=16, grad_accum=1, log_every=10, save_every=20),
+    train=_train(epochs=2, global_batch_size=16, micro_batch_size=16, log_every=10, save_every=20),
 )
 SANDBOX_LOOP = LoopConfig(
     out=SET, iterations=3, policy=ModelConfig(path=SET), reference="sft",

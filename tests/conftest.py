@@ -40,7 +40,7 @@ def judge_config(kind: str, tiny_model, sandbox_data, out, *overrides):
     return load_config(cls, None, [
         f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
         f"data.test={sandbox_data / 'prefs_test.jsonl'}", f"data.max_length={length}",
-        "optim.lr=1e-3", "train.micro_batch_size=16", "train.grad_accum=1", "train.epochs=1",
+        "optim.lr=1e-3", "train.global_batch_size=16", "train.micro_batch_size=16", "train.epochs=1",
         f"train.output_dir={out}", "train.progress=false", "train.log_every=5",
         "train.eval_every=0", *overrides])
 

@@ -18,7 +18,7 @@ def test_command_help_lists_options_with_defaults(capsys):
         main(["sft", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "optim.lr" in out and "[default: 2e-05]" in out and "train.grad_accum" in out
+    assert "optim.lr" in out and "[default: 2e-05]" in out and "train.global_batch_size" in out
 
 
 def test_user_errors_exit_2_with_one_line(capsys):

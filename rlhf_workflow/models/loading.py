@@ -96,12 +96,20 @@ def uses_flash_attention(model) -> bool:
     return (unwrap(model).config._attn_implementation or "").startswith("flash")
 
 
-def save_model(model, tokenizer, out: str | Path) -> Path:
-    """Save model and tokenizer into ``out`` via a temporary sibling folder and a rename."""
+def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None,
+               dtype: str | None = None) -> Path:
+    """Save model and tokenizer into ``out`` via a temporary sibling folder and a rename.
+
+    ``state_dict`` replaces the model's own weights (those gathered from a sharded model);
+    ``dtype`` converts floating-point weights (and the config's dtype) on the way out."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if dtype is not None:
+        state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+                      for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
+        model.config.dtype = DTYPES[dtype]
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if out.exists():

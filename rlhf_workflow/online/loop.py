@@ -63,11 +63,11 @@ class LoopConfig(Config):
     annotate: AnnotateConfig = AnnotateConfig(input=SET, out=SET)
     select: SelectConfig = SelectConfig()
     dpo: DPOConfig = DPOConfig(model=ModelConfig(path=SET), reference=SET, data=DPODataConfig(train=SET),
-                               train=TrainConfig(output_dir=SET, epochs=2, micro_batch_size=8,
-                                                 grad_accum=16, save_every=50))
+                               train=TrainConfig(output_dir=SET, epochs=2, global_batch_size=128,
+                                                 micro_batch_size=8, save_every=50))
     eval: LoopEvalConfig = LoopEvalConfig()
     processes: int = Field(1, ge=1, description="processes (e.g. GPUs) per stage; > 1 runs generate, annotate "
-                           "and DPO with `accelerate launch` (the loop itself stays one process)")
+                           "and DPO with `torchrun` (the loop itself stays one process)")
     force: bool = Field(False, description="resume even though the config changed")
 
 
@@ -140,7 +140,7 @@ RUNNERS = {"generate": run_generate, "annotate": run_annotate, "dpo": run_dpo}
 
 def _launch(cfg: LoopConfig, command: str, stage_cfg: Config, config_path: Path,
             processes: int | None = None) -> None:
-    """Run a stage here, or with ``accelerate launch`` on ``processes`` processes."""
+    """Run a stage here, or on ``processes`` processes of this machine with ``torchrun``."""
     processes = cfg.processes if processes is None else processes
     if processes == 1:
         RUNNERS[command](stage_cfg)
@@ -148,16 +148,11 @@ def _launch(cfg: LoopConfig, command: str, stage_cfg: Config, config_path: Path,
     import subprocess
     import sys
 
-    import torch
-
     save_config(stage_cfg, config_path)
-    device = [] if torch.cuda.is_available() else ["--cpu"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *device, "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            "-m", "rlhf_workflow.cli", command, "--config", str(config_path)]
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError(f"{command} on {processes} processes failed; re-run to continue")
-
 
 
 def _slice_prompts(cfg: LoopConfig, t: int, path: Path) -> None:
@@ -198,8 +193,9 @@ def _pairs(cfg: LoopConfig, t: int, d: Path) -> None:
 
 
 def _dpo_config(cfg: LoopConfig, policy: str, reference: str, d: Path) -> DPOConfig:
-    dpo = cfg.dpo.model_copy(deep=True)
-    dpo.model = cfg.policy.model_copy(update={"path": policy})
+    dpo = cfg.dpo.model_copy(deep=True)  # the policy's identity, DPO's own dtype and attention
+    dpo.model = dpo.model.model_copy(update={"path": policy, "tokenizer": cfg.policy.tokenizer,
+                                             "trust_remote_code": cfg.policy.trust_remote_code})
     dpo.reference = reference
     dpo.data.train = str(d / "pairs.jsonl")
     dpo.train.output_dir = str(d / "dpo")

@@ -36,7 +36,7 @@ import torch
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
 
-from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
+from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data import readers
 from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, Tokenized
@@ -46,7 +46,7 @@ from ..errors import UserError
 from ..io import write_json, write_jsonl
 from ..losses import bt_loss
 from ..models.loading import load_model, load_tokenizer, param_dtype, unwrap, uses_flash_attention
-from ..training.loop import StepOutput, TrainData, train
+from ..training.loop import StepOutput, TrainData, start_run, train
 
 PAD_TOKEN = "<|pad|>"
 
@@ -100,7 +100,7 @@ class RMTrainConfig(Config):
     data: RMDataConfig = RMDataConfig()
     optim: OptimConfig = OptimConfig(lr=2e-6, warmup_ratio=0.03)
     train: TrainConfig = TrainConfig(
-        output_dir="runs/rm", epochs=1, micro_batch_size=8, grad_accum=64, eval_every=100
+        output_dir="runs/rm", epochs=1, global_batch_size=512, micro_batch_size=8, eval_every=100
     )
     eval_batch_size: int = Field(32, ge=1, description="sequences per forward pass when evaluating")
 
@@ -470,8 +470,8 @@ def _load_for_scoring(spec: ModelConfig, device: str | None = None):
 def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
     """Train a BT reward model; writes ``<output_dir>/model`` and ``<output_dir>/eval.json``."""
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if start_run(cfg, cfg.train) is not None:
+        return out / "model"
     d = cfg.data
     rows, bad = read_pairs(d.train, d.split, d.on_bad, d.margin_field)
     if d.test:
@@ -522,19 +522,12 @@ def run_rm_train(cfg: RMTrainConfig, on_step=None) -> Path:
         return evaluate_pairs(m, test_set, pad_id, cfg.eval_batch_size) if test_set else {}
 
     data = TrainData([tok.shared_len() if shared else len(tok) for _, tok in train_set], collate)
-    record = train(
-        model,
-        tokenizer,
-        data,
-        bt_objective,
-        cfg.train,
-        cfg.optim,
-        run_config=cfg,
-        evaluate=evaluate,
-        on_step=on_step,
-    )
-    result = {**stats, **{k[5:]: v for k, v in record.items() if k.startswith("eval/")}}
-    write_eval(out, result, "rm", len(test_set))
+    def finish(record: dict) -> None:
+        result = {**stats, **{k[5:]: v for k, v in record.items() if k.startswith("eval/")}}
+        write_eval(out, result, "rm", len(test_set))
+
+    train(model, tokenizer, data, bt_objective, cfg.train, cfg.optim, run_config=cfg,
+          evaluate=evaluate, on_step=on_step, finish=finish)
     return out / "model"
 
 

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
+from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.chat import encode_prompt, render
 from ..errors import UserError
 from ..models.loading import load_model, load_tokenizer
-from ..training.loop import StepOutput, TrainData, train
+from ..training.loop import StepOutput, TrainData, start_run, train
 from .bt import (
     PairDataConfig,
     PairRow,
@@ -49,7 +49,7 @@ class PMTrainConfig(Config):
     data: PairDataConfig = PairDataConfig(max_length=3072)
     optim: OptimConfig = OptimConfig(lr=5e-6, warmup_ratio=0.03)
     train: TrainConfig = TrainConfig(
-        output_dir="runs/pm", epochs=1, micro_batch_size=8, grad_accum=16, eval_every=100
+        output_dir="runs/pm", epochs=1, global_batch_size=128, micro_batch_size=8, eval_every=100
     )
     eval_batch_size: int = Field(32, ge=1, description="sequences per forward pass when evaluating")
 
@@ -241,8 +241,8 @@ def load_preference_model(path: str | Path, dtype: str = "fp32", device: str | N
 def run_pm_train(cfg: PMTrainConfig, on_step=None) -> Path:
     """Train a PM; writes ``<output_dir>/model`` and ``<output_dir>/eval.json``."""
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if start_run(cfg, cfg.train) is not None:
+        return out / "model"
     tokenizer = load_tokenizer(cfg.model)
     label_ids = label_token_ids(tokenizer)  # fail before reading data or loading weights
     d = cfg.data
@@ -277,26 +277,14 @@ def run_pm_train(cfg: PMTrainConfig, on_step=None) -> Path:
 
     model = load_model(cfg.model)
     data = TrainData([len(s) for s in seqs], collate)
-    record = train(
-        model,
-        tokenizer,
-        data,
-        make_objective(label_ids),
-        cfg.train,
-        cfg.optim,
-        run_config=cfg,
-        evaluate=evaluate,
-        on_step=on_step,
-    )
-    result = {
-        "train_pairs": len(seqs),
-        "held_out_pairs": len(test_rows),
-        "truncated": n_trunc,
-        "skipped_long": n_long,
-        "skipped_invalid": dict(bad),
-        **{k[5:]: v for k, v in record.items() if k.startswith("eval/")},
-    }
-    write_eval(out, result, "pm", len(test_rows))
+    def finish(record: dict) -> None:
+        result = {"train_pairs": len(seqs), "held_out_pairs": len(test_rows), "truncated": n_trunc,
+                  "skipped_long": n_long, "skipped_invalid": dict(bad),
+                  **{k[5:]: v for k, v in record.items() if k.startswith("eval/")}}
+        write_eval(out, result, "pm", len(test_rows))
+
+    train(model, tokenizer, data, make_objective(label_ids), cfg.train, cfg.optim, run_config=cfg,
+          evaluate=evaluate, on_step=on_step, finish=finish)
     return out / "model"
 
 

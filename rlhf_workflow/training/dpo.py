@@ -9,25 +9,23 @@ N rows, each holding its prompt once and then the chosen and the rejected respon
 mask keeps from seeing each other (``data.share_prompt``; without it, or with flash
 attention, 2N padded rows). Batches are length-grouped to cut padding.
 The reference log-probs are not computed during training at all: one no-grad pass before
-training writes them to a cache file keyed by the reference model and the tokenized pairs
-(:mod:`.reference`), the reference model is then freed, and every epoch and every resumed
-run reads the cache. With LoRA the reference is the base model (adapters disabled), so no
-second copy of the weights is ever loaded. The resolved reference is in ``config.yaml``
-and printed at start.
+training, shared out over every rank and run in the precision training computes in, writes
+them to a cache file keyed by the reference model and the tokenized pairs
+(:mod:`.reference`); the reference model is freed before the policy is loaded, and every
+epoch and every resumed run reads the cache. With LoRA the reference is the base model (the
+policy with its adapters off). The resolved reference is printed at start. With LoRA the
+exported ``model/`` is merged and the adapter is kept in ``adapter/``.
 """
 
 from __future__ import annotations
 
 import gc
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from pydantic import Field, model_validator
 
-from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
+from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.chat import IGNORE
 from ..data.pairs import TokenizedPair, collate_pairs, per_response, tokenize_pair
 from ..data.readers import read_records
@@ -35,9 +33,15 @@ from ..data.records import PreferencePair
 from ..errors import UserError
 from ..losses import DPOLoss, dpo_loss, rpo_nll
 from ..models.loading import load_model, load_tokenizer
-from ..models.loading import save_model as save_hf_model
 from . import reference as ref_cache
-from .loop import Objective, StepOutput, TrainData, train
+from .engine import (
+    barrier,
+    inference_precision,
+    resolve_precision,
+    resolve_strategy,
+    setup_distributed,
+)
+from .loop import Objective, StepOutput, TrainData, start_run, train
 
 
 class DPODataConfig(Config):
@@ -65,7 +69,6 @@ class DPOLossConfig(Config):
         None, description="average log-probs over response tokens (None: summed, but averaged for ipo/simpo)"
     )
     reference_batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
-    reference_bf16: bool = Field(False, description="run the reference pass under bf16 autocast")
 
     @model_validator(mode="after")
     def _smoothing_is_for_sigmoid(self) -> DPOLossConfig:
@@ -91,7 +94,7 @@ class DPOConfig(Config):
     dpo: DPOLossConfig = DPOLossConfig()
     lora: LoRAConfig = LoRAConfig()
     optim: OptimConfig = OptimConfig(lr=5e-7, warmup_ratio=0.03)
-    train: TrainConfig = TrainConfig(output_dir="runs/dpo", epochs=2, micro_batch_size=8, grad_accum=16)
+    train: TrainConfig = TrainConfig(output_dir="runs/dpo", epochs=2, global_batch_size=128, micro_batch_size=8)
 
 
 def dpo_objective(cfg: DPOLossConfig) -> Objective:
@@ -131,8 +134,8 @@ def dpo_objective(cfg: DPOLossConfig) -> Objective:
 def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     """Train, save to ``<output_dir>/model`` (a full model, LoRA merged) and return that path."""
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if start_run(cfg, cfg.train) is not None:
+        return out / "model"
     kind = cfg.dpo.loss
     tokenizer = load_tokenizer(cfg.model)
     records = read_records(cfg.data.train, PreferencePair, cfg.data.split)
@@ -144,14 +147,11 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
           + ("one row per pair (prompt shared)" if shared else "two rows per pair"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    policy = None
-    ref = None
+    ref = policy = None
     if kind.needs_reference:
         ref, policy = reference_logps(cfg, pairs, pad_id, out, shared)
     elif cfg.reference is not None:
         print(f"dpo: loss {kind.value} is reference-free; reference {cfg.reference} is not used")
-    if policy is None:
-        policy = _load_policy(cfg)
 
     def collate(rows: list[list[int]]) -> dict:
         idx = [row[0] for row in rows]
@@ -162,55 +162,60 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
 
     lengths = [p.shared_len() if shared else max(len(p.chosen.input_ids), len(p.rejected.input_ids))
                for p in pairs]
-    train(policy, tokenizer, TrainData(lengths, collate), dpo_objective(cfg.dpo), cfg.train,
+    train(policy or _load_policy(cfg), tokenizer, TrainData(lengths, collate), dpo_objective(cfg.dpo), cfg.train,
           cfg.optim, on_step=on_step, run_config=cfg)
-    if cfg.lora.r and PartialState().is_main_process:
-        _merge_lora(policy, tokenizer, out)
     return out / "model"
 
 
 def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out: Path, shared: bool):
-    """(ref log-probs (N, 2), the policy if it was loaded for the pass, else None).
+    """(reference log-probs (N, 2), the policy if it was loaded for the pass, else None).
 
-    A reference that is the starting policy (``reference`` None or the same folder as
-    ``model.path``) is computed with the policy itself before it trains (with LoRA: adapters
-    disabled), so only one copy of the weights is ever loaded.
+    Read from the cache, or computed once with every rank taking its share of the batches,
+    in the precision training computes in (so the first loss is log 2 when the reference is
+    the starting policy). The reference is ``cfg.reference``, or the starting policy
+    (``reference`` None or the same folder as ``model.path``), which is then run by the
+    policy itself before it trains (with LoRA: adapters disabled), so its weights are loaded
+    once; unless training computes on bf16 copies of the weights (FSDP/ZeRO with bf16),
+    which the pass then loads as such.
     """
     separate = cfg.reference is not None and not _same_path(cfg.reference, cfg.model.path)
     source = cfg.reference if separate else cfg.model.path
-    bf16 = cfg.dpo.reference_bf16
-    key = ref_cache.cache_key(ref_cache.model_identity(source), "bf16" if bf16 else cfg.model.dtype, pairs)
+    rank, world, device = setup_distributed(cfg.train.timeout_minutes, cfg.train.strategy)
+    strategy = resolve_strategy(cfg.train.strategy, world)
+    precision = resolve_precision(cfg.train.mixed_precision, device)
+    load_dtype, autocast = inference_precision(strategy, precision, cfg.model.dtype)
+    key = ref_cache.cache_key(ref_cache.model_identity(source), f"{load_dtype}/autocast={autocast}", pairs)
     path = ref_cache.cache_path(out, key)
-    logps = ref_cache.load_cache(path, key, len(pairs))
     what = source + (" (the starting policy" + (", adapters disabled)" if cfg.lora.r else ")")
                      if not separate else "")
+    logps = ref_cache.load_cache(path, key, len(pairs))
     if logps is not None:
-        print(f"dpo: reference {what}: log-probs read from {path}")
+        if rank == 0:
+            print(f"dpo: reference {what}: log-probs read from {path}")
         return logps, None
-    state = PartialState()
-    policy = None
-    if state.is_main_process:
-        print(f"dpo: reference {what}: computing log-probs of {len(pairs)} pairs once")
-        if separate:
-            model = load_model(cfg.model.model_copy(update={"path": cfg.reference}))
-        else:
-            model = policy = _load_policy(cfg)
-        if model.get_input_embeddings().num_embeddings < max(
-                max(p.chosen.input_ids + p.rejected.input_ids) for p in pairs) + 1:
-            raise UserError(f"reference {source}: its vocabulary is smaller than the tokenizer's "
-                            f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
-        logps = ref_cache.compute_reference_logps(
-            model.to(state.device), pairs, pad_id, cfg.dpo.reference_batch_size, bf16,
-            cfg.train.progress, shared)
+    if rank == 0:
+        print(f"dpo: reference {what}: computing log-probs of {len(pairs)} pairs once, on {world} "
+              f"process(es)")
+    reuse = not separate and load_dtype == cfg.model.dtype
+    model = _load_policy(cfg) if reuse else load_model(cfg.model.model_copy(update={"path": source,
+                                                                                    "dtype": load_dtype}))
+    if model.get_input_embeddings().num_embeddings < max(
+            max(p.chosen.input_ids + p.rejected.input_ids) for p in pairs) + 1:
+        raise UserError(f"reference {source}: its vocabulary is smaller than the tokenizer's "
+                        f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
+    logps = ref_cache.compute_reference_logps(
+        model.to(device), pairs, pad_id, cfg.dpo.reference_batch_size, autocast,
+        cfg.train.progress and rank == 0, shared, rank, world)
+    if rank == 0:
         ref_cache.save_cache(path, key, logps, source)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    state.wait_for_everyone()
-    if logps is None:
-        logps = ref_cache.load_cache(path, key, len(pairs))
-    return logps, policy
+    barrier()
+    if reuse:
+        return logps, model
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return logps, None
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -229,12 +234,3 @@ def _load_policy(cfg: DPOConfig):
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-def _merge_lora(policy, tokenizer, out: Path) -> None:
-    """Keep the adapter in ``<out>/adapter`` and replace ``<out>/model`` by the merged model,
-    so the next stage loads a plain checkpoint."""
-    adapter = out / "adapter"
-    shutil.rmtree(adapter, ignore_errors=True)
-    os.replace(out / "model", adapter)
-    save_hf_model(policy.merge_and_unload(), tokenizer, out / "model")

@@ -3,38 +3,44 @@
 Stages differ only in how rows of examples become a batch (``TrainData.collate``) and how a
 batch becomes a loss (an :data:`Objective`). Everything else lives here, once:
 
-- gradient accumulation normalised by the number of loss items (tokens or pairs) in the
-  *whole* optimizer step across all micro-batches and processes, so batch 8 x accumulation 1
-  and batch 2 x accumulation 4 give the same update;
-- AdamW with a warmup + cosine/linear/constant schedule, gradient clipping, autocast;
-- a seeded data order that depends only on (seed, epoch), so a resumed run continues with
-  exactly the batches an uninterrupted run would have seen;
-- checkpoints (safetensors weights + optimizer + scheduler), resume, metrics.jsonl, trackers.
+- the global batch is a setting (``train.global_batch_size``); accumulation is derived from
+  the world size and the micro-batch, so a recipe means the same on 1 GPU and on 64;
+- accumulation normalised by the number of loss items (tokens or pairs) in the *whole*
+  optimizer step across all micro-batches and ranks, so 8 x 1 and 2 x 4 give the same update;
+- AdamW with a warmup + cosine/linear/constant schedule, clipping, bf16 compute on fp32
+  weights, and the distribution strategy (one process, DDP, FSDP2, ZeRO-2/3) of
+  :mod:`.engine`;
+- a seeded data order that depends only on (seed, epoch); every rank runs the same number of
+  micro-batches in every step (a trailing micro-batch that would leave a rank idle is
+  dropped), so collectives never wait on a rank that has nothing to do;
+- checkpoints (sharded; by steps and by wall-clock minutes), resume only under the settings
+  the run started with, metrics.jsonl, trackers, and the final Hugging Face export.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import time
+from bisect import bisect_right
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+import yaml
 from accelerate.utils import set_seed
-from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..config import Config, OptimConfig, TrainConfig
+from ..config import Config, OptimConfig, TrainConfig, save_config
 from ..data.batching import plan_batches
+from ..errors import UserError
 from ..io import write_json
 from ..models.loading import save_model as save_hf_model
+from .engine import Engine, all_sum, barrier, resolve_precision, resolve_strategy, setup_distributed
 
 
 @dataclass
@@ -62,6 +68,69 @@ class TrainData:
     pack_length: int = 0
 
 
+# --------------------------------------------------------------------------- batch plan
+
+
+def batch_sizes(global_batch: int, micro: int, world: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) per rank for a global batch over ``world`` ranks."""
+    if global_batch % world:
+        raise UserError(f"train.global_batch_size={global_batch} is not divisible by the {world} "
+                        "processes")
+    per_rank = global_batch // world
+    micro = min(micro, per_rank)
+    if per_rank % micro:
+        raise UserError(f"train.micro_batch_size={micro} does not divide the {per_rank} examples each "
+                        f"of {world} process(es) takes per step (global batch {global_batch})")
+    return micro, per_rank // micro
+
+
+class StepPlan:
+    """Which micro-batches make each optimizer step, epoch by epoch.
+
+    A step holds ``accum * world`` consecutive micro-batches of the epoch's plan, rank r taking
+    every world-th one. With several ranks an epoch uses a multiple of ``world`` micro-batches
+    (at most ``world - 1`` trailing ones are dropped), so the last step gives every rank the
+    same number. Packing gives each epoch its own number of rows, so every epoch is counted.
+    """
+
+    def __init__(self, data: TrainData, cfg: TrainConfig, micro: int, accum: int, world: int):
+        self.data, self.cfg, self.micro, self.world = data, cfg, micro, world
+        self.step_size = accum * world
+        full = math.floor(cfg.epochs)
+        sizes = [self._usable(len(self.plan(e))) for e in range(math.ceil(cfg.epochs))]
+        counts = [math.ceil(n / self.step_size) for n in sizes]
+        if full < len(counts):  # a fractional last epoch
+            counts[-1] = math.ceil((cfg.epochs - full) * counts[-1])
+        if not all(counts):
+            raise UserError(f"{len(data.lengths)} examples do not fill one optimizer step "
+                            f"({micro} per micro-batch x {world} processes)")
+        self.sizes, self.ends = sizes, list(accumulate(counts))
+        self.total = cfg.max_steps or self.ends[-1]
+        self._cached: tuple[int, list] | None = None
+
+    def _usable(self, n_micro: int) -> int:
+        return n_micro if self.world == 1 else n_micro // self.world * self.world
+
+    def plan(self, epoch: int) -> list:
+        return plan_batches(self.data.lengths, self.micro, self.step_size, self.cfg.seed, epoch,
+                            self.cfg.group_by_length, self.data.pack_length)
+
+    def micro_batches(self, step: int, rank: int) -> tuple[float, list]:
+        """(epoch position after this step, this rank's micro-batches of optimizer step ``step``)."""
+        cycle = step // self.ends[-1]  # max_steps beyond the epochs set: go round again
+        e = bisect_right(self.ends, step % self.ends[-1])
+        k = step % self.ends[-1] - (self.ends[e - 1] if e else 0)
+        epoch = cycle * len(self.ends) + e
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self.plan(epoch))
+        lo, hi = k * self.step_size, min((k + 1) * self.step_size, self.sizes[e])
+        steps_in_epoch = self.ends[e] - (self.ends[e - 1] if e else 0)
+        return epoch + (k + 1) / steps_in_epoch, self._cached[1][lo:hi][rank :: self.world]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
 def train(
     model: torch.nn.Module,
     tokenizer,
@@ -72,112 +141,125 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     run_config: Config | None = None,
+    finish: Callable[[dict], None] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place, save it to ``<output_dir>/model`` and return the last metrics."""
+    """Train ``model``, save it to ``<output_dir>/model`` and return the last metrics.
+
+    ``finish(record)`` runs on the main process after the export and before
+    ``train_result.json``, which marks the run complete."""
     out = Path(cfg.output_dir)
-    acc = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=cfg.report_to or None,
-        project_dir=str(out),
-    )
+    rank, world, device = setup_distributed(cfg.timeout_minutes, cfg.strategy)
+    eng = Engine(resolve_strategy(cfg.strategy, world), resolve_precision(cfg.mixed_precision, device),
+                 rank, world, device)
     set_seed(cfg.seed)
-    world, rank = acc.num_processes, acc.process_index
-    step_size = cfg.grad_accum * world
+    micro, accum = batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world)
+    plan = StepPlan(data, cfg, micro, accum, world)
+    total = plan.total
+    warmup = math.ceil(optim.warmup_ratio * total)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
 
-    def plan(epoch: int) -> list:
-        return plan_batches(
-            data.lengths, cfg.micro_batch_size, step_size, cfg.seed, epoch,
-            cfg.group_by_length, data.pack_length,
-        )
+    def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+        params = list(m.parameters())  # fused: one kernel for all tensors (4x faster on CPU)
+        return torch.optim.AdamW(_param_groups(m, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                                 eps=optim.eps, fused=all(p.device.type in ("cpu", "cuda") for p in params))
 
-    plans = {0: plan(0)}
-    n_micro = len(plans[0])
-    steps_per_epoch = math.ceil(n_micro / step_size) if world == 1 else n_micro // step_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data.lengths)} examples do not fill one step of {step_size} micro-batches")
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-
-    optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors (4x faster on CPU than the default)
-        _param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-        fused=all(p.device.type in ("cpu", "cuda") for p in model.parameters()),
-    )
+    model, optimizer = eng.wrap(model, make_optimizer, micro, accum, optim.max_grad_norm,
+                                cfg.allow_low_precision_weights)
     scheduler = get_scheduler(
         {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[optim.scheduler],
-        optimizer,
-        num_warmup_steps=math.ceil(optim.warmup_ratio * total),
-        num_training_steps=total,
+        optimizer, num_warmup_steps=warmup, num_training_steps=total,
     )
-    model, optimizer = acc.prepare(model, optimizer)
-    start = _resume(acc, out, model, optimizer, scheduler) if cfg.resume else 0
-    metrics_path = out / "metrics.jsonl"
-    if acc.is_main_process:
-        _truncate_metrics(metrics_path, start)
-    if cfg.report_to:
-        acc.init_trackers(out.name, config=_flat(run_config.model_dump(mode="json")) if run_config else None)
+    layout = {"strategy": eng.strategy, "precision": "bf16 compute, fp32 weights" if eng.precision == "bf16"
+              else eng.precision if eng.precision != "no" else "fp32", "processes": world,
+              "global_batch_size": cfg.global_batch_size, "micro_batch_size": micro, "grad_accum": accum,
+              "optimizer_steps": total, "warmup_steps": warmup}
+    start = _resume(eng, out, scheduler, cfg.keep_checkpoints)
+    if eng.is_main:
+        write_json(out / "train_plan.json", layout)
+        print(f"train {out.name}: {eng.strategy} on {world} process(es), {layout['precision']}; global "
+              f"batch {cfg.global_batch_size} = {micro} x {accum} accumulation x {world}; {total} optimizer "
+              f"steps, {warmup} warmup; " + (f"resuming at step {start}" if start else "starting fresh"))
+        if total < 10 and not cfg.max_steps:
+            print(f"warning: only {total} optimizer step(s): with {len(data.lengths)} examples and a global "
+                  f"batch of {cfg.global_batch_size} the schedule barely starts; lower "
+                  "train.global_batch_size or raise train.epochs")
+        _truncate_metrics(out / "metrics.jsonl", start)
+    trackers = _trackers(cfg, out, run_config) if eng.is_main else []
 
-    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and acc.is_main_process),
+    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and eng.is_main),
                desc=f"train {out.name}", dynamic_ncols=True)
     record: dict[str, float] = {}
     model.train()
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, last_save, tokens_seen = time.perf_counter(), time.monotonic(), 0.0
     for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in plans:
-            plans = {epoch: plan(epoch)}
-        micro = plans[epoch][k * step_size : (k + 1) * step_size][rank::world]
-        batches = [data.collate(rows) for rows in micro]
-        items = acc.reduce(torch.tensor(float(sum(b["num_items"] for b in batches)), device=acc.device))
-        items = max(items.item(), 1.0)
+        epoch, micro_list = plan.micro_batches(step, rank)
+        batches = [data.collate(rows) for rows in micro_list]
+        items = all_sum(torch.tensor(float(sum(b["num_items"] for b in batches)), device=device)).item()
+        items = max(items, 1.0)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         sums: dict[str, torch.Tensor] = {}
-        loss_total = torch.zeros((), device=acc.device)
+        loss_total = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
-            tensors = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
-            sync = acc.no_sync(model) if i < len(batches) - 1 else nullcontext()
-            with sync, acc.autocast():
+            tensors = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            with eng.micro_batch(last=i == len(batches) - 1):
                 res = objective(model, tensors)
-                acc.backward(res.loss_sum * world / items)
-            loss_total += res.loss_sum.detach()
+                eng.backward(res.loss_sum * world / items)
+            loss_total += res.loss_sum.detach().float()
             for name, v in res.metric_sums.items():
                 sums[name] = sums.get(name, 0) + torch.as_tensor(v, dtype=torch.float32).detach()
-            tokens_seen += int(batch["num_tokens"])
-        grad_norm = _clip(acc, model, optim.max_grad_norm)
-        optimizer.step()
+        grad_norm = eng.step(optim.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        loss = acc.reduce(loss_total, "sum").item() / items
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": loss,
-                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "items": items}
-        for name, v in sorted(sums.items()):
-            record[name] = acc.reduce(v.to(acc.device), "sum").item() / items
-        record["tokens_per_s"] = round(tokens_seen * world / (time.perf_counter() - t0), 1)
+        names = sorted(sums)
+        due_time = eng.is_main and cfg.save_minutes > 0 and time.monotonic() - last_save > 60 * cfg.save_minutes
+        local = [loss_total, *(sums[n].to(device) for n in names),
+                 torch.tensor(float(sum(b["num_tokens"] for b in batches)), device=device),
+                 torch.tensor(float(due_time), device=device)]
+        reduced = all_sum(torch.stack([x.float().reshape(()) for x in local])).tolist()
+        tokens_seen += reduced[-2]
+        record = {"step": step + 1, "epoch": round(epoch, 4), "loss": reduced[0] / items, "lr": lr,
+                  "grad_norm": grad_norm, "items": items}
+        record.update({n: v / items for n, v in zip(names, reduced[1:-2], strict=True)})
+        record["tokens_per_s"] = round(tokens_seen / (time.perf_counter() - t0), 1)
         done = step + 1 == total
-        due = done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
-        if evaluate is not None and due:
+        if evaluate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             model.eval()
-            record.update({f"eval/{key}": v for key, v in evaluate(acc.unwrap_model(model)).items()})
+            record.update({f"eval/{key}": v for key, v in evaluate(eng.module()).items()})
             model.train()
-        if (step + 1) % cfg.log_every == 0 or done or any(k.startswith("eval/") for k in record):
-            if acc.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if cfg.report_to:
-                acc.log(record, step=step + 1)
-        shown = {k: f"{record[k]:.3f}" for k in ("reward_acc", "accuracy", "rewards/margin") if k in record}
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", **shown, refresh=False)
+        if eng.is_main and ((step + 1) % cfg.log_every == 0 or done or "eval/loss" in record
+                            or any(k.startswith("eval/") for k in record)):
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            for tracker in trackers:
+                tracker.log(record, step=step + 1)
+        bar.set_postfix(_shown(record), refresh=False)
         bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not done:
-            _save_checkpoint(acc, out, step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)
+        if not done and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or reduced[-1] > 0):
+            _save_checkpoint(eng, out, step + 1, cfg.keep_checkpoints)
+            last_save = time.monotonic()
         if on_step is not None:
             on_step(step + 1, record)
     bar.close()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        save_hf_model(acc.unwrap_model(model), tokenizer, out / "model")
-        write_json(out / "train_result.json", {"steps": total, **record})
-    if cfg.report_to:
-        acc.end_training()
+    _export(eng, tokenizer, out / "model", cfg.save_dtype)
+    if eng.is_main:
+        if finish is not None:
+            finish(record)
+        write_json(out / "train_result.json", {"steps": total, **layout, **record})
+    for tracker in trackers:
+        tracker.finish()
+    barrier()
     return record
+
+
+def _shown(record: dict) -> dict[str, str]:
+    """The progress line: loss, lr, the stage's headline metric and the last held-out ones."""
+    shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+    for k in ("reward_acc", "accuracy", "rewards/margin", "eval/loss", "eval/accuracy"):
+        if k in record:
+            shown[k] = f"{record[k]:.3f}"
+    return shown
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -187,53 +269,138 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _clip(acc: Accelerator, model: torch.nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return float(acc.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+def _export(eng: Engine, tokenizer, out: Path, dtype: str | None) -> None:
+    """Gather the weights on rank 0 and save a Hugging Face folder (LoRA: merged, and the adapter
+    kept beside it as ``adapter/``)."""
+    barrier()
+    state = eng.full_state_dict()
+    if eng.is_main:
+        model = eng.module()
+        if hasattr(model, "peft_config"):
+            save_hf_model(model, None, out.with_name("adapter"))
+            model = model.merge_and_unload()
+        save_hf_model(model, tokenizer, out, state_dict=state, dtype=dtype)
+    barrier()
+
+
+def _trackers(cfg: TrainConfig, out: Path, run_config: Config | None) -> list:
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    made = []
+    for name in cfg.report_to:
+        tracker = TensorBoardTracker(out.name, out) if name == "tensorboard" else WandBTracker(out.name)
+        if hasattr(tracker, "start"):
+            tracker.start()
+        if run_config is not None:
+            tracker.store_init_configuration(_flat(run_config.model_dump(mode="json")))
+        made.append(tracker)
+    return made
+
+
+# --------------------------------------------------------------------------- run folders
+
+# Settings that do not change what a run computes (memory, logging, checkpoint cadence):
+# changing them between a crash and the re-run is fine.
+RESUMABLE = ("train.progress", "train.log_every", "train.report_to", "train.save_every", "train.save_minutes",
+             "train.keep_checkpoints", "train.resume", "train.timeout_minutes", "train.strategy",
+             "train.micro_batch_size", "train.activation_checkpointing", "train.eval_every",
+             "eval_batch_size", "dpo.reference_batch_size")
+
+
+def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:
+    """Prepare ``output_dir`` for a stage: refuse to resume a run that started with other
+    settings (unless ``train.resume=force``), clear it with ``train.resume=restart``, save
+    ``config.yaml``. Returns the result of an already finished run with the same settings."""
+    out = Path(train_cfg.output_dir)
+    rank, _, _ = setup_distributed(train_cfg.timeout_minutes, train_cfg.strategy)
+    saved = out / "config.yaml"
+    started = _checkpoints(out) or (out / "train_result.json").exists()
+    old = yaml.safe_load(saved.read_text()) if saved.exists() else None
+    diff = _diff(old, cfg.model_dump(mode="json")) if started and old is not None else []
+    barrier()  # every rank has read the old config before the main one writes the new one
+    mode = train_cfg.resume
+    if diff and mode == "auto":
+        shown = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, a, b in diff[:10])
+        more = f" and {len(diff) - 10} more" if len(diff) > 10 else ""
+        raise UserError(f"{out} holds a run started with other settings: {shown}{more}; re-run with "
+                        "train.resume=force to continue it with the new settings, or train.resume=restart "
+                        "to start over")
+    if mode != "restart" and not diff and (out / "train_result.json").exists() and (out / "model").exists():
+        print(f"{out}: already trained with these settings; nothing to do (train.resume=restart retrains)")
+        return json.loads((out / "train_result.json").read_text())
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "restart":
+            for name in ("checkpoints", "model", "adapter"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "train_result.json"):
+                (out / name).unlink(missing_ok=True)
+        save_config(cfg, saved)
+    barrier()
+    return None
+
+
+def _diff(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(old.keys() | new.keys())
+                for d in _diff(old.get(key), new.get(key), f"{prefix}{key}.")]
+    key = prefix.rstrip(".")
+    return [] if old == new or key in RESUMABLE else [(key, old, new)]
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
 
 
 # --------------------------------------------------------------------------- checkpoints
 
-_CKPT = re.compile(r"^step-(\d+)$")
-
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    root = out / "checkpoints"
-    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _CKPT.match(p.name))]
-    return sorted((s, p) for s, p in found if (p / "state.json").exists())
+    found = []
+    for p in (out / "checkpoints").glob("step-*"):
+        step = p.name[5:]
+        if step.isdigit() and (p / "state.json").exists():
+            found.append((int(step), p))
+    return sorted(found)
 
 
-def _save_checkpoint(acc, out: Path, step: int, model, optimizer, scheduler, keep: int) -> None:
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        final = out / "checkpoints" / f"step-{step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
+def _save_checkpoint(eng: Engine, out: Path, step: int, keep: int) -> None:
+    """Every rank writes its shard into ``step-N.tmp``; the main process then marks it
+    complete (``state.json``), renames it into place and drops old checkpoints."""
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    barrier()
+    if eng.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
-        write_json(tmp / "state.json", {"step": step})
+    barrier()
+    eng.save_state(tmp)
+    barrier()
+    if eng.is_main:
+        write_json(tmp / "state.json", {"step": step, "format": eng.checkpoint_format,
+                                        "strategy": eng.strategy, "processes": eng.world})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for _, old in _checkpoints(out)[:-keep]:
             shutil.rmtree(old)
-    acc.wait_for_everyone()
+    barrier()
 
 
-def _resume(acc, out: Path, model, optimizer, scheduler) -> int:
+def _resume(eng: Engine, out: Path, scheduler, keep: int) -> int:
+    """Load the newest complete checkpoint (stale temporary ones are removed); its step."""
+    if eng.is_main:
+        for stale in (out / "checkpoints").glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
     ckpts = _checkpoints(out)
     if not ckpts:
         return 0
     step, path = ckpts[-1]
-    load_model(acc.unwrap_model(model), str(path / "model.safetensors"), device=str(acc.device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = torch.load(path / "trainer.pt", weights_only=True)
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    acc.print(f"resuming from {path} (step {step})")
+    state = json.loads((path / "state.json").read_text())
+    eng.load_state(path, state.get("format", "dcp"))
+    scheduler.last_epoch = step - 1  # the schedule is a function of the step: recompute it there
+    scheduler.step()
     return step
 
 

@@ -26,6 +26,7 @@ from ..data.pairs import TokenizedPair, collate_pairs, per_response
 from ..io import atomic_open
 from ..losses import token_logps
 from ..models.loading import param_dtype
+from .engine import all_sum
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -73,30 +74,31 @@ def response_logps(model, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
-                            bf16: bool = False, progress: bool = True,
-                            shared: bool = False) -> torch.Tensor:
+                            autocast: str | None = None, progress: bool = True, shared: bool = False,
+                            rank: int = 0, world: int = 1) -> torch.Tensor:
     """(N, 2) summed response log-probs of ``pairs`` under ``model`` (chosen, rejected),
-    batched in the shared-prompt layout with ``shared``.
+    batched in the shared-prompt layout with ``shared``, under ``autocast`` ("bf16"/"fp16").
 
-    A PEFT model is run with its adapters disabled, i.e. as its base model.
+    Length-sorted batches are dealt out round-robin: rank r computes batches r, r + world,
+    ...; the ranks' results are summed (each index is filled by one rank only), so every
+    rank returns the whole tensor. A PEFT model is run with its adapters disabled.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))
+    starts = list(range(0, len(order), batch_size))[rank::world]
     adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    with adapters_off, autocast:
-        for b in tqdm(range(0, len(order), batch_size), desc="reference log-probs",
-                      disable=not progress, dynamic_ncols=True):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "")
+    with adapters_off, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for b in tqdm(starts, desc="reference log-probs", disable=not progress, dynamic_ncols=True):
             idx = order[b : b + batch_size]
             batch = collate_pairs([pairs[i] for i in idx], pad_id, shared)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            logps = response_logps(model, batch).float().cpu()
-            out[idx] = torch.stack(logps.chunk(2), dim=1)
+            out[idx] = torch.stack(response_logps(model, batch).float().chunk(2), dim=1)
     model.train(was_training)
-    return out
+    return all_sum(out).cpu()
 
 
 def cache_path(out_dir: str | Path, key: str) -> Path:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
+from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, tokenize_conversation
 from ..data.readers import read_records
@@ -20,7 +20,7 @@ from ..data.records import SFTExample
 from ..errors import UserError
 from ..losses import token_nll_sum
 from ..models.loading import load_model, load_tokenizer, param_dtype, uses_flash_attention
-from .loop import StepOutput, TrainData, train
+from .loop import StepOutput, TrainData, start_run, train
 
 
 class SFTDataConfig(Config):
@@ -35,7 +35,7 @@ class SFTConfig(Config):
     model: ModelConfig = ModelConfig(path="meta-llama/Meta-Llama-3-8B")
     data: SFTDataConfig = SFTDataConfig()
     optim: OptimConfig = OptimConfig(lr=2e-5, warmup_ratio=0.05)
-    train: TrainConfig = TrainConfig(output_dir="runs/sft", epochs=3)
+    train: TrainConfig = TrainConfig(output_dir="runs/sft", epochs=3, global_batch_size=128, micro_batch_size=8)
 
 
 def tokenize_sft(tokenizer, examples: list[SFTExample], max_length: int, train_on: str):
@@ -67,8 +67,8 @@ def sft_objective(model, batch: dict) -> StepOutput:
 
 def run_sft(cfg: SFTConfig, on_step=None) -> Path:
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if start_run(cfg, cfg.train) is not None:
+        return out / "model"
     tokenizer = load_tokenizer(cfg.model)
     examples = read_records(cfg.data.train, SFTExample, cfg.data.split)
     seqs, dropped = tokenize_sft(tokenizer, examples, cfg.data.max_length, cfg.data.train_on)

@@ -30,8 +30,8 @@ def _cfg(tiny_model, sandbox_data, trained_rm, out, *extra):
         "generate.sampling.n=3", "generate.sampling.max_new_tokens=10", "generate.chunk_size=4",
         f"annotate.annotator.path={trained_rm}", "annotate.annotator.dtype=fp32",
         "annotate.annotator.max_length=256", "annotate.chunk_size=4",
-        "dpo.data.max_length=96", "dpo.optim.lr=1e-3", "dpo.train.epochs=1", "dpo.train.micro_batch_size=4",
-        "dpo.train.grad_accum=1", "dpo.train.progress=false", "dpo.train.save_every=1",
+        "dpo.data.max_length=96", "dpo.optim.lr=1e-3", "dpo.train.epochs=1", "dpo.train.global_batch_size=4",
+        "dpo.train.progress=false", "dpo.train.save_every=1",
         f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}", "eval.limit=6", "eval.sampling.n=2",
         "eval.sampling.max_new_tokens=10", *extra])
 

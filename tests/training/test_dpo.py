@@ -41,7 +41,7 @@ def _cfg(model, data, out, *overrides):
     return load_config(DPOConfig, None, [
         f"model.path={model}", f"data.train={data}", "data.max_length=96", "optim.lr=1e-3",
         "optim.warmup_ratio=0", f"train.output_dir={out}", "train.progress=false",
-        "train.log_every=1", "train.micro_batch_size=8", "train.grad_accum=1", *overrides,
+        "train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=8", *overrides,
     ])
 
 
@@ -77,7 +77,7 @@ def test_accumulation_invariance(tiny_model, learnable_pairs, tmp_path):
     """8 pairs x accumulation 1 gives the same updates as 2 pairs x accumulation 4."""
     a = run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path / "a", "train.max_steps=3"))
     b = run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path / "b", "train.max_steps=3",
-                     "train.micro_batch_size=2", "train.grad_accum=4"))
+                     "train.micro_batch_size=2"))
     la, lb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     for ra, rb in zip(la, lb, strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
@@ -91,7 +91,7 @@ def test_accumulation_invariance(tiny_model, learnable_pairs, tmp_path):
 def test_resume_and_second_epoch_never_recompute_the_reference(tiny_model, learnable_pairs,
                                                                  tmp_path, monkeypatch):
     calls = _count_reference_passes(monkeypatch)
-    common = ["train.epochs=2", "train.save_every=2", "train.micro_batch_size=8", "train.grad_accum=2"]
+    common = ["train.epochs=2", "train.save_every=2", "train.global_batch_size=16"]
     run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path / "full", *common))  # 4 steps per epoch
     assert len(calls) == 1  # one pass for both epochs
 
@@ -135,7 +135,7 @@ def test_cached_reference_logps_equal_fresh_ones(tiny_model, sandbox_data, tmp_p
     assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "bf16", pairs) != key
     assert ref_cache.cache_key(ref_cache.model_identity(sandbox_data), "fp32", pairs) != key
     # the bf16 pass is close to the fp32 one
-    half = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 7, bf16=True, progress=False)
+    half = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 7, "bf16", progress=False)
     torch.testing.assert_close(half, batched, rtol=0.02, atol=0.5)
 
 
@@ -245,7 +245,8 @@ def test_dpo_cli_end_to_end_on_conversational_and_flat_pairs(tiny_model, sandbox
     flat_file.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen,
                                              "rejected": p.rejected}) + "\n" for p in flat))
     args = [f"model.path={tiny_model}", "data.max_length=96", "optim.lr=1e-4", "train.epochs=1",
-            "train.micro_batch_size=8", "train.grad_accum=2", "train.progress=false"]
+            "train.global_batch_size=16", "train.micro_batch_size=8",
+            "train.progress=false"]
     for name, data in (("conv", conv), ("flat", flat_file)):
         assert main(["dpo", *args, f"data.train={data}", f"train.output_dir={tmp_path / name}"]) == 0
         assert (tmp_path / name / "model" / "model.safetensors").exists()
@@ -261,5 +262,5 @@ def test_defaults_are_the_papers():
     cfg = DPOConfig()
     assert (cfg.dpo.loss.value, cfg.dpo.beta, cfg.optim.lr, cfg.optim.scheduler) == ("sigmoid", 0.1, 5e-7, "cosine")
     assert (cfg.optim.warmup_ratio, cfg.train.epochs, cfg.data.max_length) == (0.03, 2, 2048)
-    assert cfg.train.micro_batch_size * cfg.train.grad_accum == 128
+    assert cfg.train.global_batch_size == 128
     assert cfg.dpo.average_logps is None and not cfg.dpo.loss.averages_logps

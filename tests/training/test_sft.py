@@ -34,9 +34,9 @@ def _losses(out):
 def test_accumulation_invariance(tiny_model, sandbox_data, tmp_path):
     """batch 8 x accumulation 1 gives the same updates as batch 2 x accumulation 4."""
     a = run_sft(_cfg(tiny_model, sandbox_data, tmp_path / "a", "train.max_steps=3",
-                     "train.micro_batch_size=8", "train.grad_accum=1"))
+                     "train.global_batch_size=8", "train.micro_batch_size=8"))
     b = run_sft(_cfg(tiny_model, sandbox_data, tmp_path / "b", "train.max_steps=3",
-                     "train.micro_batch_size=2", "train.grad_accum=4"))
+                     "train.global_batch_size=8", "train.micro_batch_size=2"))
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-4)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     for k in wa:
@@ -47,7 +47,7 @@ def test_accumulation_invariance(tiny_model, sandbox_data, tmp_path):
 
 
 def test_resume_gives_the_same_losses_and_weights(tiny_model, sandbox_data, tmp_path):
-    common = ["train.max_steps=6", "train.save_every=2", "train.micro_batch_size=4", "data.packing=false"]
+    common = ["train.max_steps=6", "train.save_every=2", "train.global_batch_size=4", "data.packing=false"]
     run_sft(_cfg(tiny_model, sandbox_data, tmp_path / "full", *common))
 
     def crash(step, record):
@@ -84,7 +84,7 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tiny_model, sandbox_data, at
 def test_sft_cli_end_to_end(tiny_model, sandbox_data, tmp_path):
     out = tmp_path / "sft"
     code = main(["sft", f"model.path={tiny_model}", f"data.train={sandbox_data / 'sft.jsonl'}",
-                 "data.max_length=128", "optim.lr=2e-3", "train.epochs=2", "train.micro_batch_size=4",
+                 "data.max_length=128", "optim.lr=2e-3", "train.epochs=2", "train.global_batch_size=4",
                  f"train.output_dir={out}", "train.progress=false", "train.log_every=5"])
     assert code == 0
     assert (out / "config.yaml").exists() and (out / "model" / "model.safetensors").exists()

@@ -1,0 +1,361 @@
+"""How a training run is spread over processes: one process, DDP, FSDP2 or DeepSpeed ZeRO.
+
+The training loop (:mod:`.loop`) never touches a distributed API itself; it asks the
+:class:`Engine` to wrap the model and the optimizer, to run each micro-batch (with or
+without gradient synchronisation), to clip and step, to sum numbers over ranks, to save
+and load sharded checkpoints, and to gather the final weights. Existing engines only:
+
+- ``single``: one process, the model on the GPU if there is one;
+- ``ddp``: :class:`torch.nn.parallel.DistributedDataParallel`, gradients synchronised on the
+  last micro-batch of a step only;
+- ``fsdp``: PyTorch's FSDP2 (``fully_shard`` on every decoder layer, the reward head and the
+  root), parameters, gradients and optimizer states sharded; gradients reduce-scattered
+  every micro-batch so they stay sharded;
+- ``zero2`` / ``zero3``: DeepSpeed ZeRO (the ``deepspeed`` extra), which owns accumulation:
+  the loop marks the accumulation boundary itself, so DeepSpeed steps once per optimizer
+  step and never rescales the loss.
+
+Precision: weights (and so AdamW's states) stay fp32, "master weights"; with
+``mixed_precision=bf16`` the compute runs in bf16: autocast for ``single``/``ddp``,
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` for FSDP2, DeepSpeed's bf16
+mode (fp32 master copy in the optimizer) for ZeRO. Training bf16/fp16 parameters with AdamW
+is refused unless asked for: at lr 5e-7 most updates round away in bf16.
+
+Checkpoints: ``single``/``ddp``/``fsdp`` write model and optimizer with
+``torch.distributed.checkpoint`` (one shard file per rank, reshardable to another world
+size); ZeRO writes DeepSpeed's own checkpoint. Every rank also saves its RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+from ..models.loading import unwrap
+
+STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def setup_distributed(timeout_minutes: float = 30.0, strategy: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Joins the process group that ``torchrun``
+    or ``accelerate launch`` describe in the environment (NCCL on GPUs, gloo on CPU); FSDP and
+    DeepSpeed get a group of one when the process runs alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if (world > 1 or strategy in ("fsdp", "zero2", "zero3")) and not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if cuda else None)
+    if not dist.is_initialized():
+        return 0, 1, device
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over ranks (in place, and returned)."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def resolve_strategy(strategy: str, world: int) -> str:
+    """``auto`` is DDP on several processes and ``single`` on one."""
+    if strategy == "auto" or (strategy == "ddp" and world == 1):
+        return "ddp" if world > 1 else "single"
+    if strategy == "single" and world > 1:
+        raise UserError(f"train.strategy=single but {world} processes were launched; use ddp, fsdp, "
+                        "zero2 or zero3")
+    return strategy
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on a GPU that supports it and fp32 ("no") elsewhere."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
+def inference_precision(strategy: str, precision: str, model_dtype: str) -> tuple[str, str | None]:
+    """(dtype to load a frozen model in, autocast dtype or None) so that its forward computes
+    as a training forward under ``strategy`` does: FSDP2 and ZeRO run bf16 weights, one
+    process and DDP autocast their weights."""
+    if precision == "bf16" and strategy in ("fsdp", "zero2", "zero3"):
+        return "bf16", None
+    return model_dtype, precision if precision in ("bf16", "fp16") else None
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """One strategy's way of wrapping, stepping, checkpointing and exporting a model."""
+
+    def __init__(self, strategy: str, precision: str, rank: int, world: int, device: torch.device):
+        self.strategy, self.precision = strategy, precision
+        self.rank, self.world, self.device = rank, world, device
+        self.is_main = rank == 0
+        self.deepspeed = strategy.startswith("zero")
+        if precision == "fp16" and strategy not in ("single", "ddp"):
+            raise UserError(f"mixed_precision=fp16 is supported with single and ddp only; use bf16 "
+                            f"with {strategy}")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.model = self.optimizer = None
+
+    # ----------------------------------------------------------------- wrapping
+
+    def wrap(self, model: torch.nn.Module, make_optimizer, micro_batch_size: int, accum: int,
+             max_grad_norm: float, allow_low_precision: bool = False):
+        """(wrapped model, optimizer); ``make_optimizer(model)`` builds AdamW on the parameters
+        as the strategy lays them out."""
+        low = sorted({str(p.dtype) for p in model.parameters()
+                      if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+        if low and not allow_low_precision and not self.deepspeed:
+            raise UserError(
+                f"refusing to train {'/'.join(low)} parameters with AdamW: updates smaller than the "
+                "weights' precision are lost (most of them at lr 5e-7). Load the model in fp32 "
+                "(model.dtype=fp32) and compute in bf16 with train.mixed_precision=bf16, or set "
+                "train.allow_low_precision_weights=true")
+        if hasattr(model, "peft_config") and self.strategy not in ("single", "ddp"):
+            raise UserError(f"LoRA trains with train.strategy=single or ddp (the adapters are small); "
+                            f"got {self.strategy}")
+        if self.strategy == "single":
+            model = model.to(self.device)
+            optimizer = make_optimizer(model)
+        elif self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(
+                model.to(self.device), device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            optimizer = make_optimizer(model)
+        elif self.strategy == "fsdp":
+            model = self._fully_shard(model)
+            optimizer = make_optimizer(model)
+        else:
+            model, optimizer = self._deepspeed(model, make_optimizer, micro_batch_size, accum, max_grad_norm)
+        self.model, self.optimizer = model, optimizer
+        return model, optimizer
+
+    def _fully_shard(self, model):
+        """FSDP2 units: each decoder layer (the model's ``_no_split_modules``), a reward head
+        (called on its own by the shared-prompt reward path), and the root."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.precision == "bf16" else MixedPrecisionPolicy()
+        model = model.to(self.device)
+        inner = unwrap_peft(model)
+        blocks = set(getattr(inner, "_no_split_modules", None) or [])
+        units = [m for m in model.modules() if type(m).__name__ in blocks]
+        if getattr(inner, "score", None) is not None:
+            units.append(inner.score)
+        for module in units:
+            fully_shard(module, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+
+    def _deepspeed(self, model, make_optimizer, micro_batch_size, accum, max_grad_norm):
+        try:
+            import deepspeed
+        except ImportError:
+            raise UserError(f"train.strategy={self.strategy} needs the deepspeed extra: "
+                            "pip install 'rlhf-workflow[deepspeed]'") from None
+        config = deepspeed_config(self.strategy, self.precision, micro_batch_size, accum, self.world,
+                                  max_grad_norm)
+        optimizer = make_optimizer(model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine, optimizer  # ZeRO steps this optimizer's param groups: the scheduler drives them
+
+    # ----------------------------------------------------------------- a step
+
+    @contextmanager
+    def micro_batch(self, last: bool):
+        """Context for the forward and backward of one micro-batch; gradients are synchronised
+        across ranks on the ``last`` micro-batch of a step (FSDP and ZeRO reduce every time,
+        keeping gradients sharded)."""
+        if self.deepspeed:
+            self.model.set_gradient_accumulation_boundary(last)
+        sync = self.model.no_sync() if self.strategy == "ddp" and not last else nullcontext()
+        with sync, self.autocast():
+            yield
+
+    def autocast(self):
+        """bf16/fp16 autocast where the strategy computes that way (FSDP2 and ZeRO cast the
+        parameters themselves)."""
+        on = self.precision in ("bf16", "fp16") and self.strategy in ("single", "ddp")
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype) if on else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self.model.backward(loss, scale_wrt_gas=False)  # the loss is already normalised
+        else:
+            self.scaler.scale(loss).backward()
+
+    def step(self, max_grad_norm: float) -> float:
+        """Clip, update, zero the gradients; returns the gradient norm before clipping."""
+        if self.deepspeed:
+            self.model.step()
+            norm = self.model.get_global_grad_norm()
+            return float(norm) if norm is not None else 0.0
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def module(self):
+        """The model to call for evaluation (the sharded module itself under FSDP/ZeRO-3)."""
+        return unwrap(self.model)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    @property
+    def checkpoint_format(self) -> str:
+        return "deepspeed" if self.deepspeed else "dcp"
+
+    def save_state(self, path: Path) -> None:
+        """Model and optimizer state (sharded: every rank writes its part) and this rank's RNG."""
+        if self.deepspeed:
+            self.model.save_checkpoint(str(path), tag="state", save_latest=False)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            with _single_process_ok():
+                dcp.save(self._state_dicts(), checkpoint_id=str(path / "state"))
+        torch.save(rng_state(), path / f"rng-{self.rank}.pt")
+
+    def load_state(self, path: Path, fmt: str) -> None:
+        if fmt != self.checkpoint_format:
+            raise UserError(f"{path} was saved by {fmt} training; it cannot be resumed with "
+                            f"train.strategy={self.strategy} (use train.resume=restart to start over)")
+        if self.deepspeed:
+            self.model.load_checkpoint(str(path), tag="state", load_lr_scheduler_states=False)
+        else:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            state = self._state_dicts()
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=str(path / "state"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"], options=StateDictOptions(strict=False))
+        own = path / f"rng-{self.rank}.pt"
+        if own.exists():  # a run resumed on more ranks than it was saved with reseeds the rest
+            set_rng_state(torch.load(own, weights_only=True))
+
+    def _state_dicts(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optimizer,
+                                  options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": msd, "optim": osd}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on CPU, gathered on rank 0 from the shards (every rank must
+        call it); None where the module itself holds them (one process, DDP) and on other ranks."""
+        model = self.model
+        if self.strategy in ("single", "ddp"):
+            return None
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions as Options
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            sd = get_model_state_dict(model, options=Options(full_state_dict=True, cpu_offload=True))
+            return sd if self.is_main else None
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in unwrap(model).named_parameters():  # fp32 master weights, gathered
+            full = safe_get_full_fp32_param(p)
+            if self.is_main:
+                out[name] = full.detach().cpu()
+        if self.is_main:
+            for name, b in unwrap(model).named_buffers():
+                out[name] = b.detach().cpu()
+        return out if self.is_main else None
+
+
+def unwrap_peft(model):
+    """The transformers model inside a wrapper and a PEFT model."""
+    model = unwrap(model)
+    base = getattr(model, "base_model", None)
+    return getattr(base, "model", model) if hasattr(model, "peft_config") else model
+
+
+def deepspeed_config(strategy: str, precision: str, micro: int, accum: int, world: int,
+                     max_grad_norm: float) -> dict:
+    """The DeepSpeed config of a ZeRO strategy; the batch numbers are the loop's own."""
+    stage = int(strategy[-1])
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+@contextmanager
+def _single_process_ok():
+    """Distributed checkpoints work without a process group; no need to warn about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
