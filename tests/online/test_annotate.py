@@ -39,6 +39,20 @@ def test_bt_annotate_cli_matches_direct_scores_and_penalises_truncation(rollouts
     assert got == pytest.approx([d - p for d, p in zip(direct, penalty, strict=True)], abs=1e-5)
 
 
+def test_bt_annotate_by_default_gives_the_rewards_of_rm_score(rollouts, trained_rm, tmp_path):
+    """A judge scores in fp32 unless told otherwise, as `rlhf rm score` does: the same rollouts
+    get the same rewards from both commands (in bf16 close responses swap places)."""
+    scored, annotated = tmp_path / "scored.jsonl", tmp_path / "annotated.jsonl"
+    assert main(["rm", "score", f"model.path={trained_rm}", f"input={rollouts}", f"out={scored}",
+                 "progress=false"]) == 0
+    assert main(["annotate", f"input={rollouts}", f"out={annotated}", f"annotator.path={trained_rm}",
+                 "annotator.kind=bt"]) == 0
+    by_rm_score = [x for r in read_records(scored, Rollout) for x in r.rewards]
+    by_annotate = [x for r in read_records(annotated, Rollout) for x in r.rewards]
+    assert by_annotate == pytest.approx(by_rm_score, abs=1e-6)
+    assert len(set(by_rm_score)) > 1
+
+
 def test_pm_annotate_ranks_every_response(rollouts, trained_pm, tmp_path):
     for mode in ("tournament", "round_robin"):
         out = tmp_path / f"scored-{mode}.jsonl"
