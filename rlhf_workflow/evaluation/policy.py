@@ -1,4 +1,10 @@
-"""``rlhf eval policy``: sample from a policy on sandbox prompts and score with the gold reward."""
+"""``rlhf eval policy``: sample from a policy on sandbox prompts and score with the gold reward.
+
+Writes, into a folder of its own (default ``runs/eval_policy/<model path>``, never inside the
+model folder): ``metrics.json`` (gold reward, accuracy, length and EOS rate, overall and per
+skill), ``samples.jsonl`` (one line per sample: prompt, response, parsed answer, the gold
+answer and verdict) and the resolved ``config.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,9 @@ from ..data.readers import read_records
 from ..data.records import Prompt
 from ..errors import UserError
 from ..generation.hf import Sample, SamplingConfig, generate_hf
-from ..io import write_json
+from ..io import write_json, write_jsonl
 from ..models.loading import load_model, load_tokenizer
-from ..sandbox import gold_reward
+from ..sandbox import gold_reward, parse_answer
 
 
 class EvalPolicyConfig(Config):
@@ -23,7 +29,9 @@ class EvalPolicyConfig(Config):
     prompts: str = Field("runs/sandbox-data/prompts_eval.jsonl", description="sandbox prompts with meta")
     limit: int = Field(0, ge=0, description="evaluate only the first N prompts (0 = all)")
     sampling: SamplingConfig = SamplingConfig(n=1, temperature=1.0, max_new_tokens=64, batch_size=64)
-    out: str | None = Field(None, description="JSON file for the results (default: next to the model)")
+    out: str | None = Field(
+        None, description="folder for metrics.json, samples.jsonl and config.yaml "
+        "(default: runs/eval_policy/<model path with / as ->)")
 
 
 def gold_metrics(prompts: list[Prompt], samples: list[list[Sample]]) -> dict:
@@ -51,12 +59,35 @@ def gold_metrics(prompts: list[Prompt], samples: list[list[Sample]]) -> dict:
     return {**summary(rows), "per_skill": {k: summary(v) for k, v in sorted(by_skill.items())}}
 
 
+def sample_records(prompts: list[Prompt], samples: list[list[Sample]]) -> list[dict]:
+    """One record per sample: the prompt, the response, its parsed answer and the gold verdict."""
+    out = []
+    for p, group in zip(prompts, samples, strict=True):
+        for k, s in enumerate(group):
+            g = gold_reward(p.meta, s.text, ended=s.finish_reason == "stop")
+            out.append({"id": p.id, "sample": k, "skill": p.meta["skill"], "prompt": p.prompt,
+                        "response": s.text, "answer": parse_answer(s.text), "gold_answer": p.meta["answer"],
+                        "correct": g.correct, "gold_reward": g.reward, "filler_words": g.filler_words,
+                        "finish_reason": s.finish_reason, "num_tokens": s.num_tokens})
+    return out
+
+
 def evaluate_policy(model, tokenizer, prompts: list[Prompt], sampling: SamplingConfig,
-                    progress: bool = True) -> dict:
+                    progress: bool = True) -> tuple[dict, list[list[Sample]]]:
+    """(gold metrics, the samples per prompt)."""
     if any(not p.meta or "skill" not in p.meta for p in prompts):
         raise UserError("gold evaluation needs sandbox prompts (records with meta.skill)")
     samples = generate_hf(model, tokenizer, [p.messages() for p in prompts], sampling, progress)
-    return gold_metrics(prompts, samples)
+    return gold_metrics(prompts, samples), samples
+
+
+def default_out(model_path: str) -> Path:
+    """``runs/eval_policy/<model path>``, the path flattened (``runs/demo/sft/model`` ->
+    ``demo-sft-model``), so that the evaluations of different models never collide."""
+    parts = [x for x in Path(model_path).expanduser().parts if x not in ("/", ".", "..", "~")]
+    if len(parts) > 1 and parts[0] == "runs":
+        parts = parts[1:]
+    return Path("runs") / "eval_policy" / "-".join(parts)
 
 
 def run_eval_policy(cfg: EvalPolicyConfig) -> dict:
@@ -64,12 +95,14 @@ def run_eval_policy(cfg: EvalPolicyConfig) -> dict:
     prompts = prompts[: cfg.limit] if cfg.limit else prompts
     torch.manual_seed(cfg.sampling.seed)
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-    result = evaluate_policy(model, tokenizer, prompts, cfg.sampling)
-    out = Path(cfg.out) if cfg.out else Path(cfg.model.path) / "eval_policy.json"
-    write_json(out, {"model": cfg.model.path, "prompts": cfg.prompts, **result})
-    save_config(cfg, out.with_suffix(".config.yaml"))
+    result, samples = evaluate_policy(model, tokenizer, prompts, cfg.sampling)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.model.path)
+    records = sample_records(prompts, samples)
+    write_jsonl(out / "samples.jsonl", records)
+    write_json(out / "metrics.json", {"model": cfg.model.path, "prompts": cfg.prompts, **result})
+    save_config(cfg, out / "config.yaml")
     print(format_table(result))
-    print(f"wrote {out}")
+    print(f"eval policy: metrics.json and samples.jsonl ({len(records)} samples) -> {out}")
     return result
 
 

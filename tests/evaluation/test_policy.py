@@ -1,8 +1,13 @@
+import json
+from pathlib import Path
+
 import pytest
 
+from rlhf_workflow.cli import main
 from rlhf_workflow.data.records import Prompt
-from rlhf_workflow.evaluation.policy import gold_metrics
+from rlhf_workflow.evaluation.policy import default_out, gold_metrics
 from rlhf_workflow.generation.hf import Sample
+from rlhf_workflow.sandbox import gold_reward, parse_answer
 
 
 def test_gold_metrics_hand_computed():
@@ -19,3 +24,32 @@ def test_gold_metrics_hand_computed():
     assert r["eos_rate"] == pytest.approx(0.75) and r["mean_tokens"] == pytest.approx(6)
     assert r["per_skill"]["add"]["gold_reward"] == pytest.approx(0.97)
     assert r["per_skill"]["reverse"]["n"] == 2
+
+
+def test_default_output_folder_is_named_after_the_model_path():
+    assert default_out("runs/demo/sft/model") == Path("runs/eval_policy/demo-sft-model")
+    assert default_out("/data/models/smol") == Path("runs/eval_policy/data-models-smol")
+    assert default_out("HuggingFaceTB/SmolLM2-135M-Instruct") == Path("runs/eval_policy/HuggingFaceTB-SmolLM2-135M-Instruct")
+
+
+def test_eval_policy_keeps_every_sample_with_its_verdict(tiny_model, sandbox_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tiny_model.iterdir())
+    assert main(["eval", "policy", f"model.path={tiny_model}", f"prompts={sandbox_data / 'prompts_eval.jsonl'}",
+                 "limit=6", "sampling.n=2", "sampling.max_new_tokens=8"]) == 0
+    out = tmp_path / default_out(str(tiny_model))
+    assert f"-> {default_out(str(tiny_model))}" in capsys.readouterr().out
+    assert sorted(p.name for p in tiny_model.iterdir()) == before  # nothing written into the model folder
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "metrics.json").read_text())
+    prompts = [json.loads(x) for x in (sandbox_data / "prompts_eval.jsonl").read_text().splitlines()[:6]]
+    assert [(s["id"], s["sample"]) for s in samples] == [(p["id"], k) for p in prompts for k in range(2)]
+    for s, p in zip(samples, [p for p in prompts for _ in range(2)], strict=True):
+        assert s["prompt"] == p["prompt"] and s["gold_answer"] == p["meta"]["answer"]
+        assert s["answer"] == parse_answer(s["response"]) and s["correct"] == (s["answer"] == s["gold_answer"])
+        g = gold_reward(p["meta"], s["response"], ended=s["finish_reason"] == "stop")
+        assert s["gold_reward"] == g.reward
+    assert metrics["n"] == len(samples) == 12
+    assert metrics["gold_reward"] == pytest.approx(sum(s["gold_reward"] for s in samples) / 12)
+    assert metrics["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
+    assert (out / "config.yaml").is_file()
