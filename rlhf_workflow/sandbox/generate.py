@@ -217,8 +217,31 @@ def make_data(cfg: MakeDataConfig) -> dict[str, Path]:
         paths[name] = out / f"{name}.jsonl"
         write_jsonl(paths[name], records)
     paths["stats"] = out / "stats.json"
-    write_json(paths["stats"], _stats(data, seeds))
+    stats = _stats(data, seeds)
+    write_json(paths["stats"], stats)
+    print(summary(paths, stats))
     return paths
+
+
+def summary(paths: dict[str, Path], stats: dict[str, Any]) -> str:
+    """What ``make_data`` wrote: one line per file with its record count and make-up."""
+    n = stats["counts"]
+    what = {
+        "prompts_train": f"{n['prompts_train']} prompts (online generation)",
+        "prompts_eval": f"{n['prompts_eval']} prompts (held out, gold evaluation)",
+        "sft": f"{n['sft']} demonstrations, {stats['sft_error_rate']:.1%} with a wrong answer, "
+               f"{stats['sft_filler_rate']:.1%} with filler",
+    }
+    for name in ("prefs_train", "prefs_test"):
+        s = stats[name]
+        subsets = ", ".join(f"{v} {k}" for k, v in sorted(s["subsets"].items()))
+        what[name] = (f"{n[name]} pairs ({subsets}), chosen has the higher gold reward in "
+                      f"{s['gold_agreement']:.1%}")
+    what["stats"] = "counts, seeds and rates"
+    width = max(len(p.name) for p in paths.values())
+    lines = [f"sandbox data -> {paths['stats'].parent}"]
+    lines += [f"  {p.name:<{width}}  {what[name]}" for name, p in paths.items()]
+    return "\n".join(lines)
 
 
 def _stats(data: dict[str, list[dict]], seeds: dict[str, int]) -> dict[str, Any]:

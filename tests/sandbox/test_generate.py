@@ -169,3 +169,21 @@ def test_make_data_writes_all_files(tmp_path):
     # same config, same bytes
     before = {n: p.read_bytes() for n, p in paths.items()}
     assert {n: p.read_bytes() for n, p in make_data(cfg).items()} == before
+
+
+def test_make_data_prints_each_file_with_its_counts(tmp_path, capsys):
+    from rlhf_workflow.cli import main
+
+    out = tmp_path / "data"
+    assert main(["sandbox", "make-data", f"out={out}", "n_train_prompts=12", "n_eval_prompts=5", "n_sft=9",
+                 "n_prefs=7", "n_prefs_test=6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stats = json.loads((out / "stats.json").read_text())
+    assert lines[0] == f"sandbox data -> {out}"
+    shown = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert shown == {"prompts_train.jsonl": "12", "prompts_eval.jsonl": "5", "sft.jsonl": "9",
+                     "prefs_train.jsonl": "7", "prefs_test.jsonl": "6", "stats.json": "counts,"}
+    sft_line = next(x for x in lines if x.split()[0] == "sft.jsonl")
+    assert f"{stats['sft_error_rate']:.1%} with a wrong answer" in sft_line
+    test_line = next(x for x in lines if x.split()[0] == "prefs_test.jsonl")
+    assert f"in {stats['prefs_test']['gold_agreement']:.1%}" in test_line
