@@ -20,7 +20,7 @@ from pydantic import Field
 from ..config import Config, save_config
 from ..data.readers import iter_records
 from ..data.records import Rollout
-from .chunks import join_parts, process_chunks
+from .chunks import count_records, join_parts, process_chunks
 
 Scorer = Callable[[list[Rollout]], list[list[float]]]
 
@@ -115,7 +115,7 @@ def run_annotate(cfg: AnnotateConfig, scorer: Scorer | None = None) -> Path:
         return annotate_records(batch, loaded[0](batch), cfg.annotator.truncation_penalty)
 
     n_chunks = process_chunks(iter_records(cfg.input, Rollout), out, cfg.chunk_size,
-                              state.process_index, state.num_processes, fn, "annotate")
+                              state.process_index, state.num_processes, fn, "annotate", count_records(cfg.input))
     state.wait_for_everyone()
     if state.is_main_process:
         join_parts(out, n_chunks)

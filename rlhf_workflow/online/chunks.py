@@ -26,13 +26,28 @@ def chunks(records: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def count_records(source: str | Path) -> int | None:
+    """Records in a local .jsonl (non-blank lines) or .parquet file (its metadata), for a
+    progress bar's total; None for anything else (a hub dataset is not read twice)."""
+    path = Path(source)
+    if not path.is_file():
+        return None
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def process_chunks(records: Iterator, out: Path, chunk_size: int, rank: int, world: int,
-                   fn: Callable[[int, list], list[dict]], desc: str) -> int:
-    """Run ``fn(chunk_index, records)`` on this process's unfinished chunks; return the count."""
+                   fn: Callable[[int, list], list[dict]], desc: str, total: int | None = None) -> int:
+    """Run ``fn(chunk_index, records)`` on this process's unfinished chunks; return the count.
+    ``total`` (the number of records, when known) gives the progress bar its end."""
     parts = parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     n_chunks = 0
-    bar = tqdm(desc=desc, unit="prompt", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="prompt", disable=rank != 0, dynamic_ncols=True)
     for i, batch in enumerate(chunks(records, chunk_size)):
         n_chunks = i + 1
         part = parts / f"chunk-{i:06d}.jsonl"

@@ -22,7 +22,7 @@ from ..config import Config, ModelConfig, save_config
 from ..data.readers import iter_records
 from ..data.records import Prompt
 from ..generation.hf import Sample, SamplingConfig
-from .chunks import chunks, join_parts, process_chunks
+from .chunks import chunks, count_records, join_parts, process_chunks
 
 Generator = Callable[[list[list[dict]], SamplingConfig], list[list[Sample]]]
 
@@ -115,7 +115,15 @@ def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, state) ->
         sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + i})
         return rollout_records(batch, loaded[0]([p.messages() for p in batch], sampling))
 
-    return process_chunks(_prompts(cfg), out, cfg.chunk_size, rank, world, fn, "generate")
+    return process_chunks(_prompts(cfg), out, cfg.chunk_size, rank, world, fn, "generate", _n_prompts(cfg))
+
+
+def _n_prompts(cfg: GenerateConfig) -> int | None:
+    """The prompt count for the progress bar, when a local file or ``limit`` tells it."""
+    n = count_records(cfg.input)
+    if cfg.limit:
+        return cfg.limit if n is None else min(n, cfg.limit)
+    return n
 
 
 def _visible_gpus() -> int:

@@ -61,3 +61,12 @@ def test_two_processes_give_the_same_rollouts(tiny_model, sandbox_data, tmp_path
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert double.read_text() == single.read_text()
+
+
+def test_progress_bar_knows_the_prompt_count(tiny_model, sandbox_data, tmp_path, capsys):
+    args = [f"model.path={tiny_model}", f"input={sandbox_data / 'prompts_eval.jsonl'}", "sampling.n=1",
+            "sampling.max_new_tokens=2", "chunk_size=16"]
+    assert main(["generate", *args, f"out={tmp_path / 'a.jsonl'}", "limit=20"]) == 0
+    assert "20/20" in capsys.readouterr().err
+    assert main(["generate", *args, f"out={tmp_path / 'b.jsonl'}"]) == 0  # all 40: counted from the file
+    assert "40/40" in capsys.readouterr().err
