@@ -307,8 +307,8 @@ class Engine:
             if self.is_main:
                 out[name] = full.detach().cpu()
         if self.is_main:
-            for name, b in unwrap(model).named_buffers():
-                out[name] = b.detach().cpu()
+            persistent = unwrap(model).state_dict().keys()
+            out.update({name: b.detach().cpu() for name, b in unwrap(model).named_buffers() if name in persistent})
         return out if self.is_main else None
 
 

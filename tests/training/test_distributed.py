@@ -1,0 +1,240 @@
+"""Training on real ranks: ``torchrun`` starts 2 processes (gloo on CPU) and DDP, FSDP2 and
+DeepSpeed ZeRO give the losses and weights one process gives; a sharded run killed with
+SIGKILL resumes to the same result; the batch plan keeps every rank equally busy."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_workflow.config import TrainConfig, load_config
+from rlhf_workflow.data.batching import plan_batches
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.reward.bt import RMTrainConfig, run_rm_train
+from rlhf_workflow.training.dpo import DPOConfig, run_dpo
+from rlhf_workflow.training.loop import StepPlan, TrainData, batch_sizes
+from rlhf_workflow.training.sft import SFTConfig, run_sft
+
+WORLD = 2
+
+
+def _needs(strategy: str):
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+
+
+def torchrun(command: list[str], args: list[str]) -> str:
+    """Run ``rlhf <command> args`` on WORLD processes; its output (fails the test on an error)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "rlhf_workflow.cli", *command, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers live in their own groups)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        p.send_signal(signal.SIGKILL)
+
+
+def _world(out) -> int:
+    return json.loads((out / "train_plan.json").read_text())["processes"]
+
+
+def _metrics(out, key="loss"):
+    return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if key in json.loads(line)]
+
+
+def _assert_same_weights(a, b, atol=2e-5):
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_every_rank_gets_the_same_number_of_micro_batches_in_every_packed_epoch():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 120) for _ in range(301)]
+    data = TrainData(lengths, collate=lambda rows: {}, pack_length=128)
+    cfg = TrainConfig(epochs=3, global_batch_size=12, micro_batch_size=2, seed=3)
+    micro, accum = batch_sizes(12, 2, 3)
+    plan = StepPlan(data, cfg, micro, accum, world=3)
+    sizes = {len(plan.plan(e)) for e in range(3)}
+    assert len(sizes) > 1  # packing gives the epochs different row counts
+    seen = {e: [] for e in range(3)}
+    for step in range(plan.total):
+        per_rank = [plan.micro_batches(step, r)[1] for r in range(3)]
+        assert len({len(m) for m in per_rank}) == 1 and per_rank[0]  # equal and never empty
+        epoch = int(plan.micro_batches(step, 0)[0] - 1e-9)
+        seen[epoch] += [tuple(map(tuple, mb)) for m in per_rank for mb in m]
+    for e in range(3):  # each epoch: its micro-batches once each, at most world - 1 dropped
+        full = [tuple(map(tuple, mb)) for mb in plan.plan(e)]
+        assert sorted(seen[e]) == sorted(full[: len(full) // 3 * 3])
+
+
+def test_global_batch_gives_the_accumulation():
+    assert batch_sizes(128, 8, 8) == (8, 2)
+    assert batch_sizes(128, 1, 8) == (1, 16)
+    assert batch_sizes(16, 32, 2) == (8, 1)  # a micro-batch never exceeds a rank's share
+    with pytest.raises(UserError, match="not divisible by the 3 processes"):
+        batch_sizes(128, 8, 3)
+    with pytest.raises(UserError, match="does not divide"):
+        batch_sizes(120, 16, 1)
+
+
+def test_adamw_on_bf16_weights_is_refused(tiny_model, sandbox_data, tmp_path):
+    cfg = load_config(SFTConfig, None, [f"model.path={tiny_model}", "model.dtype=bf16",
+                                        f"data.train={sandbox_data / 'sft.jsonl'}", "data.max_length=64",
+                                        "train.max_steps=1", f"train.output_dir={tmp_path}",
+                                        "train.progress=false"])
+    with pytest.raises(UserError, match="refusing to train torch.bfloat16 parameters"):
+        run_sft(cfg)
+    cfg.train.allow_low_precision_weights = True
+    assert (run_sft(cfg) / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- 2 ranks == 1 rank
+
+
+@pytest.fixture(scope="module")
+def even_sft(tiny_model, sandbox_data, tmp_path_factory):
+    """SFT records whose packed plans have an even number of micro-batches in each of 3 epochs,
+    so 2 ranks drop nothing and must reproduce 1 rank exactly."""
+    from rlhf_workflow.data.readers import read_records
+    from rlhf_workflow.data.records import SFTExample
+    from rlhf_workflow.models.loading import load_tokenizer
+    from rlhf_workflow.training.sft import tokenize_sft
+
+    tok = load_tokenizer(load_config(SFTConfig, None, [f"model.path={tiny_model}"]).model)
+    lines = (sandbox_data / "sft.jsonl").read_text().splitlines()
+    records = read_records(sandbox_data / "sft.jsonl", SFTExample)
+    lengths = [len(ids) for ids, _ in tokenize_sft(tok, records, 128, "all")[0]]
+    for n in range(60, len(lines)):
+        if all(len(plan_batches(lengths[:n], 2, 2, 42, e, True, 128)) % 2 == 0 for e in range(3)):
+            path = tmp_path_factory.mktemp("even") / "sft.jsonl"
+            path.write_text("\n".join(lines[:n]) + "\n")
+            return path
+    raise AssertionError("no prefix of the SFT data packs evenly")
+
+
+def _sft_args(tiny_model, data, out, *extra):
+    return [f"model.path={tiny_model}", f"data.train={data}", "data.max_length=128", "optim.lr=1e-3",
+            "optim.warmup_ratio=0.1", "train.epochs=3", "train.global_batch_size=4", "train.micro_batch_size=2",
+            f"train.output_dir={out}", "train.progress=false", "train.log_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def sft_one_rank(tiny_model, even_sft, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft1")
+    run_sft(load_config(SFTConfig, None, _sft_args(tiny_model, even_sft, out)))
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_packed_sft_on_two_ranks_equals_one(strategy, tiny_model, even_sft, sft_one_rank, tmp_path):
+    _needs(strategy)
+    out = tmp_path / strategy
+    torchrun(["sft"], _sft_args(tiny_model, even_sft, out, f"train.strategy={strategy}"))
+    assert _world(out) == WORLD and _world(sft_one_rank) == 1
+    assert json.loads((out / "train_plan.json").read_text())["grad_accum"] == 1
+    assert len(_metrics(out)) == len(_metrics(sft_one_rank)) > 15  # 3 packed epochs
+    assert _metrics(out) == pytest.approx(_metrics(sft_one_rank), rel=1e-5)
+    _assert_same_weights(out, sft_one_rank)
+    # the export of the sharded run is a plain transformers checkpoint
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    a = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    b = AutoModelForCausalLM.from_pretrained(sft_one_rank / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _rm_args(tiny_model, sandbox_data, out, *extra):
+    return [f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
+            f"data.test={sandbox_data / 'prefs_test.jsonl'}", "data.max_length=128", "optim.lr=1e-3",
+            "train.max_steps=6", "train.global_batch_size=8", "train.micro_batch_size=2",
+            "train.eval_every=3", f"train.output_dir={out}", "train.progress=false", "train.log_every=1",
+            *extra]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_reward_model_on_two_ranks_equals_one(strategy, tiny_model, sandbox_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / strategy
+    run_rm_train(load_config(RMTrainConfig, None, _rm_args(tiny_model, sandbox_data, one)))
+    torchrun(["rm", "train"], _rm_args(tiny_model, sandbox_data, two, f"train.strategy={strategy}"))
+    assert _world(two) == WORLD
+    assert _metrics(two) == pytest.approx(_metrics(one), rel=1e-5)
+    assert _metrics(two, "eval/accuracy") == pytest.approx(_metrics(one, "eval/accuracy"), abs=1e-9)
+    assert len(_metrics(two, "eval/loss")) == 2  # held-out evaluation at step 3 and 6
+    _assert_same_weights(two, one)
+    e1, e2 = (json.loads((d / "eval.json").read_text()) for d in (one, two))
+    assert e2["accuracy"] == e1["accuracy"] and e2["loss"] == pytest.approx(e1["loss"], rel=1e-5)
+
+
+def _dpo_args(tiny_model, sandbox_data, out, *extra):
+    return [f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
+            "data.max_length=96", "optim.lr=1e-3", "optim.warmup_ratio=0", "train.max_steps=4",
+            "train.global_batch_size=8", "train.micro_batch_size=4", f"train.output_dir={out}",
+            "train.progress=false", "train.log_every=1", *extra]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+def test_dpo_and_its_reference_pass_on_two_ranks_equal_one(strategy, tiny_model, sandbox_data, tmp_path):
+    _needs(strategy)
+    one, two = tmp_path / "one", tmp_path / strategy
+    run_dpo(load_config(DPOConfig, None, _dpo_args(tiny_model, sandbox_data, one)))
+    log = torchrun(["dpo"], _dpo_args(tiny_model, sandbox_data, two, f"train.strategy={strategy}"))
+    assert f"computing log-probs of 400 pairs once, on {WORLD} process(es)" in log
+    assert _world(two) == WORLD
+    (c1,), (c2,) = (list(d.glob("ref_logps-*.safetensors")) for d in (one, two))
+    torch.testing.assert_close(load_file(c2)["logps"], load_file(c1)["logps"], atol=1e-5, rtol=1e-6)
+    assert _metrics(two)[0] == pytest.approx(0.6931472, abs=1e-5)
+    assert _metrics(two) == pytest.approx(_metrics(one), rel=1e-5)
+    _assert_same_weights(two, one)
+
+
+# --------------------------------------------------------------------------- crash and resume
+
+
+def test_sharded_run_killed_with_sigkill_resumes_to_the_same_result(tiny_model, sandbox_data, tmp_path):
+    args = [f"model.path={tiny_model}", f"data.train={sandbox_data / 'sft.jsonl'}", "data.max_length=128",
+            "data.packing=false", "optim.lr=1e-3", "train.max_steps=40", "train.save_every=3",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "train.progress=false",
+            "train.log_every=1", "train.strategy=fsdp"]
+    one = tmp_path / "one"
+    run_sft(load_config(SFTConfig, None, [*args[:-1], f"train.output_dir={one}"]))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "rlhf_workflow.cli", "sft", *args, f"train.output_dir={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "step-000003" / "state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert not (out / "train_result.json").exists()
+    log = torchrun(["sft"], [*args, f"train.output_dir={out}"])
+    assert "resuming at step " in log, log
+    resumed = int(log.split("resuming at step ")[1].split()[0])
+    assert 3 <= resumed < 40 and _world(out) == WORLD
+    steps = _metrics(out, "step")
+    assert steps == list(range(1, 41))  # no line lost or repeated
+    assert _metrics(out) == pytest.approx(_metrics(one), rel=1e-5)
+    _assert_same_weights(out, one)
+    assert not list((out / "checkpoints").glob("*.tmp"))

@@ -1,0 +1,118 @@
+"""The shared loop's bookkeeping through the SFT stage: what a re-run does with an existing
+output folder, checkpoints by time, the logged learning rate, the printed plan, and
+activation checkpointing."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf_workflow.config import load_config
+from rlhf_workflow.errors import UserError
+from rlhf_workflow.training.sft import SFTConfig, run_sft
+
+
+def _cfg(tiny_model, sandbox_data, out, *overrides):
+    return load_config(SFTConfig, None, [
+        f"model.path={tiny_model}", f"data.train={sandbox_data / 'sft.jsonl'}", "data.max_length=128",
+        "data.packing=false", "optim.lr=1e-3", "optim.warmup_ratio=0", f"train.output_dir={out}",
+        "train.progress=false", "train.log_every=1", "train.global_batch_size=4", *overrides])
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _crash_at(n):
+    def crash(step, record):
+        if step == n:
+            raise KeyboardInterrupt
+    return crash
+
+
+def test_resume_under_changed_settings_is_refused_then_forced_or_restarted(tiny_model, sandbox_data,
+                                                                            tmp_path, capsys):
+    common = ["train.max_steps=4", "train.save_every=2"]
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(_cfg(tiny_model, sandbox_data, tmp_path, *common), on_step=_crash_at(3))
+    changed = [*common, "optim.lr=2e-3", "train.max_steps=5", "train.log_every=2"]
+    with pytest.raises(UserError) as e:
+        run_sft(_cfg(tiny_model, sandbox_data, tmp_path, *changed))
+    msg = str(e.value)
+    assert "optim.lr (0.001 -> 0.002)" in msg and "train.max_steps (4 -> 5)" in msg
+    assert "log_every" not in msg  # logging settings may change between runs
+    assert "train.resume=force" in msg and "train.resume=restart" in msg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 1e-3  # untouched
+
+    capsys.readouterr()
+    run_sft(_cfg(tiny_model, sandbox_data, tmp_path, *changed, "train.resume=force"))
+    assert "resuming at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 4, 5]  # log_every=2 from step 3 on
+    assert [r["lr"] for r in _records(tmp_path)][-1] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 2e-3
+
+    run_sft(_cfg(tiny_model, sandbox_data, tmp_path, *common, "train.resume=restart"))
+    assert "starting fresh" in capsys.readouterr().out
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_finished_run_is_not_trained_again(tiny_model, sandbox_data, tmp_path, capsys):
+    cfg = _cfg(tiny_model, sandbox_data, tmp_path, "train.max_steps=2")
+    run_sft(cfg)
+    before = load_file(tmp_path / "model" / "model.safetensors")
+    mtime = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    run_sft(cfg)
+    assert "already trained with these settings" in capsys.readouterr().out
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(UserError, match="optim.lr"):
+        run_sft(_cfg(tiny_model, sandbox_data, tmp_path, "train.max_steps=2", "optim.lr=5e-4"))
+    assert load_file(tmp_path / "model" / "model.safetensors").keys() == before.keys()
+
+
+def test_checkpoints_by_wall_clock_by_default(tiny_model, sandbox_data, tmp_path, capsys):
+    """No ``save_every``: a checkpoint is written whenever ``save_minutes`` have passed (here:
+    after every step), so a crash loses at most that much work; the re-run says where it resumes."""
+    cfg = _cfg(tiny_model, sandbox_data, tmp_path, "train.max_steps=5", "train.save_minutes=1e-9")
+    assert cfg.train.save_every == 0
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(cfg, on_step=_crash_at(4))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    capsys.readouterr()
+    run_sft(cfg)
+    assert "resuming at step 4" in capsys.readouterr().out
+
+
+def test_logged_lr_is_the_rate_the_step_used_and_the_plan_is_printed(tiny_model, sandbox_data,
+                                                                      tmp_path, capsys):
+    run_sft(_cfg(tiny_model, sandbox_data, tmp_path, "train.epochs=0.05", "optim.warmup_ratio=0.4"))
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "train_plan.json").read_text())
+    total, warmup = plan["optimizer_steps"], plan["warmup_steps"]
+    assert (total, warmup, plan["grad_accum"], plan["processes"]) == (8, 4, 1, 1)  # 600 x 0.05 / 4
+    assert "global batch 4 = 4 x 1 accumulation x 1; 8 optimizer steps, 4 warmup; starting fresh" in out
+    assert "warning: only 8 optimizer step(s)" in out
+    lrs = [r["lr"] for r in _records(tmp_path)]
+    expected = [1e-3 * k / warmup if k < warmup else
+                1e-3 * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))) for k in range(total)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[0] == 0.0 and lrs[-1] > 0  # the first step warms up from 0; the last still trains
+
+
+def test_activation_checkpointing_gives_the_same_training(tiny_model, sandbox_data, tmp_path, monkeypatch):
+    a = run_sft(_cfg(tiny_model, sandbox_data, tmp_path / "a", "train.max_steps=2"))
+    import transformers.modeling_utils as hf
+
+    calls = []
+    real = hf.checkpoint
+    monkeypatch.setattr(hf, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    b = run_sft(_cfg(tiny_model, sandbox_data, tmp_path / "b", "train.max_steps=2",
+                     "train.activation_checkpointing=true"))
+    assert len(calls) >= 2 * 2  # every decoder layer of every forward was recomputed
+    assert [r["loss"] for r in _records(tmp_path / "a")] == pytest.approx([r["loss"] for r in _records(tmp_path / "b")])
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
