@@ -1,7 +1,7 @@
-"""Loss functions: pure functions of logits or log-prob tensors, one per objective.
+"""Loss functions: pure functions of rewards or log-prob tensors, one per objective.
 
-Shapes: B = batch, T = sequence length, V = vocabulary. Every loss returns a *sum* over
-the items it covers (tokens or pairs); the training loop divides by the number of items in
+Token log-probs come from :mod:`.models.logprobs` (never a full-vocabulary tensor). Losses
+return per-item values the caller sums; the training loop divides by the number of items in
 the whole optimizer step, which makes gradient accumulation exact.
 """
 
@@ -11,39 +11,6 @@ from enum import Enum
 
 import torch
 import torch.nn.functional as F
-
-from .data.chat import IGNORE
-
-
-def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood.
-
-    ``logits`` (B, T, V) at position t predict ``targets`` (B, T) at t, already shifted;
-    positions with target -100 (prompt, padding, sequence ends) are skipped.
-    """
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token, (B, T, V) x (B, T) -> (B, T), 0 where the target
-    is -100."""
-    logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return logps * (targets != IGNORE)
-
-
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Per-sequence log-probability of the target tokens, (B, T, V) x (B, T) -> (B,).
-
-    Summed over the positions whose target is not -100 (the response tokens), or averaged
-    over them with ``average`` (SimPO-style length normalisation).
-    """
-    total = token_logps(logits, targets).sum(-1)
-    return total / (targets != IGNORE).sum(-1).clamp(min=1) if average else total
 
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:

@@ -24,8 +24,8 @@ from ..data.batching import attention_mask
 from ..data.chat import IGNORE
 from ..data.pairs import TokenizedPair, collate_pairs, per_response
 from ..io import atomic_open
-from ..losses import token_logps
 from ..models.loading import param_dtype
+from ..models.logprobs import target_logps
 from .engine import all_sum
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -59,17 +59,15 @@ def response_logps(model, batch: dict) -> torch.Tensor:
     """Summed response log-probs of a padded batch: one per row, or per response in the
     shared-prompt layout (chosen first), i.e. (2N,) for a batch of N pairs.
 
-    Logits are computed only from the first response position on (``logits_to_keep``), so
-    the LM head and the log-softmax never run over the prompt part of the batch.
+    Hidden states are kept only from the first response position on, and the LM head runs
+    only at response tokens (:func:`..models.logprobs.target_logps`).
     """
     seq_ids, targets, branch = batch["seq_ids"], batch["targets"], batch.get("branch")
     has_target = (targets != IGNORE).any(0)
     start = int(has_target.nonzero()[0]) if has_target.any() else 0
-    keep = targets.shape[1] - start
     mask = attention_mask(seq_ids, branch is not None, param_dtype(model), branch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask,
-                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    return per_response(token_logps(logits[:, -keep:], targets[:, start:]), batch)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    return per_response(target_logps(model, inputs, targets[:, start:]), batch)
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ from ..data.chat import IGNORE, tokenize_conversation
 from ..data.readers import read_records
 from ..data.records import SFTExample
 from ..errors import UserError
-from ..losses import token_nll_sum
 from ..models.loading import load_model, load_tokenizer, param_dtype, uses_flash_attention
+from ..models.logprobs import target_logps
 from .loop import StepOutput, TrainData, start_run, train
 
 
@@ -59,10 +59,8 @@ def sft_objective(model, batch: dict) -> StepOutput:
     mask = None if packed and uses_flash_attention(model) else attention_mask(
         batch["seq_ids"], packed, param_dtype(model)
     )
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
-    ).logits
-    return StepOutput(token_nll_sum(logits, batch["targets"]), {})
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    return StepOutput(-target_logps(model, inputs, batch["targets"]).sum(), {})
 
 
 def run_sft(cfg: SFTConfig, on_step=None) -> Path:

@@ -15,7 +15,6 @@ from rlhf_workflow.config import ModelConfig, load_config
 from rlhf_workflow.data.pairs import collate_pairs, tokenize_pair
 from rlhf_workflow.data.readers import read_records
 from rlhf_workflow.data.records import PreferencePair
-from rlhf_workflow.losses import sequence_logps
 from rlhf_workflow.models.loading import load_model, load_tokenizer
 from rlhf_workflow.models.tiny import InitModelConfig, init_model
 from rlhf_workflow.training import dpo as dpo_module
@@ -122,8 +121,10 @@ def test_cached_reference_logps_equal_fresh_ones(tiny_model, sandbox_data, tmp_p
     with torch.no_grad():  # one unpadded sequence at a time
         for i, p in enumerate(pairs):
             for j, t in enumerate((p.chosen, p.rejected)):
-                logits = model(input_ids=torch.tensor([t.input_ids])).logits
-                fresh = sequence_logps(logits, torch.tensor([t.targets()]))[0]
+                logits = model(input_ids=torch.tensor([t.input_ids])).logits[0]
+                targets = torch.tensor(t.targets())
+                keep = targets != -100  # full-vocabulary log-softmax, gathered at response tokens
+                fresh = torch.log_softmax(logits[keep], -1).gather(-1, targets[keep][:, None]).sum()
                 assert batched[i, j].item() == pytest.approx(fresh.item(), abs=1e-4)
     key = ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", pairs)
     path = ref_cache.cache_path(tmp_path, key)

@@ -1,0 +1,87 @@
+"""Log-probabilities of target tokens, without ever building (batch, length, vocab) logits.
+
+The one primitive behind SFT's loss, DPO's log-probs, the reference pass and the KL
+evaluation. A causal LM's forward runs as usual up to its final hidden states; the LM head is
+then applied only at positions that have a target, a chunk of positions at a time, each
+chunk's fp32 log-softmax reduced to the target's log-probability at once. In training every
+chunk is recomputed in the backward pass (activation checkpointing), so at most one chunk of
+logits is alive at any time: with a 128K vocabulary and 64K target tokens a step holds 256 MiB
+of logits instead of 32 GiB.
+
+How the hidden states are taken: a pre-hook on the output embedding (the LM head) keeps its
+input and hands the head an empty slice, so the model's own forward (under any wrapper: DDP,
+FSDP2, DeepSpeed, PEFT) computes no logits. FSDP2 keeps the root module's parameters (the
+head among them) gathered from the forward to the end of the backward, so the head can be
+applied afterwards. Post-head transformations some architectures apply (Gemma's final
+soft-capping, Cohere's logit scale) are applied here too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..data.chat import IGNORE
+
+CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
+
+
+def target_logps(model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(target_t | tokens before t) for the last ``targets.shape[1]`` positions of the
+    rows of ``inputs`` (``input_ids``, ``attention_mask``, ``position_ids``), (B, K) fp32,
+    0 where the target is -100. Differentiable."""
+    hidden = final_hidden(model, inputs, targets.shape[1])
+    keep = targets != IGNORE
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    if keep.any():
+        out = out.index_put((keep,), head_logps(model, hidden[keep], targets[keep]))
+    return out
+
+
+def final_hidden(model, inputs: dict, keep: int) -> torch.Tensor:
+    """The final hidden states the LM head would read at the last ``keep`` positions, (B, keep, H)."""
+    head = _inner(model).get_output_embeddings()
+    seen = []
+
+    def grab(module, args):
+        seen.append(args[0])
+        return (args[0][..., :0, :],)  # the head computes nothing
+
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log-softmax(head(hidden))[target] for N positions, (N, H) x (N,) -> (N,) fp32, in chunks."""
+    inner = _inner(model)
+    head = inner.get_output_embeddings()
+    config = inner.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    chunk = max(1, CHUNK_BYTES // (4 * (getattr(head, "out_features", None) or config.vocab_size)))
+
+    def logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if scale is not None:
+            logits = logits * scale
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [checkpoint(logps, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+             if grad else logps(hidden[i : i + chunk], targets[i : i + chunk])
+             for i in range(0, len(hidden), chunk)]
+    return torch.cat(parts)
+
+
+def _inner(model):
+    """The transformers model inside DDP/DeepSpeed and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "peft_config"):
+        model = model.base_model.model
+    return model
