@@ -21,13 +21,13 @@ from ..data.batching import collate_rows
 from ..data.chat import IGNORE, encode_prompt
 from ..data.readers import iter_records, read_records
 from ..data.records import Prompt, Rollout
+from ..distributed import device, run_batched, to_device
 from ..evaluation.policy import gold_metrics
 from ..generation.hf import Sample, SamplingConfig, generate_hf
 from ..models.loading import load_model, load_tokenizer
 from ..training.reference import response_logps
 
 
-@torch.no_grad()
 def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Sample],
                  batch_size: int = 16) -> list[float]:
     """log pi(y | x) of each sample's own token ids (exactly what was sampled, no re-tokenizing),
@@ -40,11 +40,11 @@ def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Samp
         seqs.append((prompt + list(s.token_ids), [IGNORE] * (len(prompt) - 1) + list(s.token_ids) + [IGNORE]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    out: list[float] = []
-    for b in range(0, len(seqs), batch_size):
-        batch = collate_rows([[s] for s in seqs[b : b + batch_size]], pad)
-        out.extend(response_logps(model, {k: v.to(device) for k, v in batch.items()}).tolist())
-    return out
+
+    def run(idx: list[int]) -> torch.Tensor:
+        return response_logps(model, to_device(collate_rows([[seqs[i]] for i in idx], pad), device))
+
+    return run_batched([len(ids) for ids, _ in seqs], batch_size, run, shard=False).tolist()
 
 
 def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator,
@@ -105,10 +105,7 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
 
 
 def _load(spec: ModelConfig):
-    model, tok = load_model(spec), load_tokenizer(spec)
-    if torch.cuda.is_available():
-        model.cuda()
-    return model, tok
+    return load_model(spec).to(device()), load_tokenizer(spec)
 
 
 def _mean(xs) -> float:

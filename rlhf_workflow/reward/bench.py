@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Config, ModelConfig
+from ..distributed import rank_and_world
 from ..io import write_json
 from .bt import _fmt_counts, _load_for_scoring, encode_pair, read_pairs, score_tokenized
 
@@ -159,7 +160,7 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
     model, tokenizer = _load_for_scoring(cfg.model)
     toks = [encode_pair(tokenizer, r.pair, cfg.max_length, cfg.max_prompt_length) for r in rows]
     seqs = [t.chosen for t in toks] + [t.rejected for t in toks]
-    r = score_tokenized(model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress)
+    r = score_tokenized(model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress, shard=True)
     n = len(rows)
     outcomes = _wins([c - j for c, j in zip(r[:n], r[n:], strict=True)])
     return _report(cfg, rows, outcomes, skipped, sum(t.truncated for t in toks))
@@ -175,7 +176,7 @@ def run_pm_eval(cfg: PMEvalConfig) -> dict:
         prompt, chosen, rejected = row.pair.conversations()
         items.append((prompt, chosen[-1]["content"], rejected[-1]["content"]))
     probs, _, truncated = _compare(
-        model, tokenizer, items, cfg.batch_size, cfg.max_length, cfg.progress
+        model, tokenizer, items, cfg.batch_size, cfg.max_length, cfg.progress, shard=True
     )
     return _report(cfg, rows, _wins([p - 0.5 for p in probs]), skipped, truncated)
 
@@ -185,6 +186,8 @@ def _report(cfg: _EvalConfig, rows, outcomes: list[float], skipped, truncated: i
     result.update(
         model=cfg.model.path, input=cfg.input, truncated=truncated, skipped_invalid=dict(skipped)
     )
+    if rank_and_world()[0] != 0:  # every rank scored its share; one reports
+        return result
     print(format_table(result))
     extra = f"{truncated} pairs truncated to max_length {cfg.max_length}"
     print(extra + (f"; skipped invalid: {_fmt_counts(skipped)}" if skipped else ""))

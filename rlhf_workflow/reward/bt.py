@@ -42,6 +42,8 @@ from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, Tokenized
 from ..data.pairs import TokenizedPair, collate_pairs, tokenize_pair, tokenize_response
 from ..data.records import PreferencePair, Prompt
+from ..distributed import device as distributed_device
+from ..distributed import rank_and_world, run_batched, to_device
 from ..errors import UserError
 from ..io import write_json, write_jsonl
 from ..losses import bt_loss
@@ -373,7 +375,6 @@ def _wins(diff: torch.Tensor) -> torch.Tensor:
     return (diff > 0).float() + 0.5 * (diff == 0).float()
 
 
-@torch.inference_mode()
 def score_tokenized(
     model,
     seqs: list[Tokenized],
@@ -381,23 +382,18 @@ def score_tokenized(
     batch_size: int = 32,
     progress: bool = False,
     sort_by_length: bool = True,
+    shard: bool = False,
 ) -> list[float]:
-    """Rewards of tokenized sequences in their order, computed in length-sorted batches."""
-    order = list(range(len(seqs)))
-    if sort_by_length:
-        order.sort(key=lambda i: -len(seqs[i].input_ids))
+    """Rewards of tokenized sequences in their order, computed in length-sorted batches (with
+    ``shard``, shared out over the ranks of the process group)."""
     device = next(model.parameters()).device
-    out = [0.0] * len(seqs)
-    bar = tqdm(total=len(seqs), desc="score", disable=not progress, dynamic_ncols=True)
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
+
+    def run(idx: list[int]) -> torch.Tensor:
         batch = collate_rows([[(seqs[i].input_ids, seqs[i].targets())] for i in idx], pad_id)
-        r = rewards(model, {k: v.to(device) for k, v in batch.items()})
-        for i, v in zip(idx, r.tolist(), strict=True):
-            out[i] = v
-        bar.update(len(idx))
-    bar.close()
-    return out
+        return rewards(model, to_device(batch, device))
+
+    return run_batched([len(s.input_ids) for s in seqs], batch_size, run, shard,
+                       "score" if progress else None, sort_by_length).tolist()
 
 
 def score(
@@ -460,8 +456,7 @@ def _load_for_scoring(spec: ModelConfig, device: str | None = None):
             "are missing from the checkpoint"
         )
     _check_pad(model, tokenizer)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(device or distributed_device()).eval(), tokenizer
 
 
 # --------------------------------------------------------------------------- rm train
@@ -548,7 +543,7 @@ def evaluate_pairs(
     was_training = model.training
     model.eval()
     seqs = [tok.chosen for _, tok in pairs] + [tok.rejected for _, tok in pairs]
-    r = torch.tensor(score_tokenized(model, seqs, pad_id, batch_size))
+    r = torch.tensor(score_tokenized(model, seqs, pad_id, batch_size, shard=True))
     model.train(was_training)
     n = len(pairs)
     margins = torch.tensor([row.margin for row, _ in pairs])
@@ -576,7 +571,7 @@ def run_rm_score(cfg: RMScoreConfig) -> Path:
             n_trunc += truncated
     t0 = time.perf_counter()
     values = score_tokenized(
-        model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress, cfg.sort_by_length
+        model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress, cfg.sort_by_length, shard=True
     )
     dt = time.perf_counter() - t0
     out, k = [], 0
@@ -587,6 +582,8 @@ def run_rm_score(cfg: RMScoreConfig) -> Path:
             if "responses" in rec
             else {**rec, "chosen_reward": r[0], "rejected_reward": r[1]}
         )
+    if rank_and_world()[0] != 0:
+        return Path(cfg.out)
     write_jsonl(cfg.out, out)
     print(
         f"rm score: {len(seqs)} responses of {len(records)} records in {dt:.1f}s "

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.chat import encode_prompt, render
+from ..distributed import device as distributed_device
+from ..distributed import run_batched, to_device
 from ..errors import UserError
 from ..models.loading import load_model, load_tokenizer
 from ..training.loop import StepOutput, TrainData, start_run, train
@@ -179,7 +180,7 @@ def compare(
     return _compare(model, tokenizer, items, batch_size, max_length, progress)[0]
 
 
-def _compare(model, tokenizer, items, batch_size, max_length, progress=False):
+def _compare(model, tokenizer, items, batch_size, max_length, progress=False, shard=False):
     """(order-averaged ``P(a > b)`` per item, raw ``P(A)`` per row (both orders, interleaved),
     number of truncated items)."""
     label_ids = list(label_token_ids(tokenizer))
@@ -191,11 +192,10 @@ def _compare(model, tokenizer, items, batch_size, max_length, progress=False):
         )
         seqs += [ab, ba]
         truncated += t1 or t2
-    p = first_position_probs(model, seqs, label_ids, _pad_id(tokenizer), batch_size, progress)
+    p = first_position_probs(model, seqs, label_ids, _pad_id(tokenizer), batch_size, progress, shard)
     return [0.5 * (p[2 * i] + 1.0 - p[2 * i + 1]) for i in range(len(items))], p, truncated
 
 
-@torch.inference_mode()
 def first_position_probs(
     model,
     seqs: list[list[int]],
@@ -203,23 +203,18 @@ def first_position_probs(
     pad_id: int,
     batch_size: int = 32,
     progress: bool = False,
+    shard: bool = False,
 ) -> list[float]:
     """``P(A)`` from a softmax over the two label logits, per encoded comparison."""
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out = [0.0] * len(seqs)
-    bar = tqdm(total=len(seqs), desc="compare", disable=not progress, dynamic_ncols=True)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = collate_comparisons([seqs[i] for i in idx], pad_id)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        p = answer_logits(model, batch)[:, label_ids].softmax(-1)[:, 0]
-        for i, v in zip(idx, p.tolist(), strict=True):
-            out[i] = v
-        bar.update(len(idx))
-    bar.close()
-    return out
+
+    def run(idx: list[int]) -> torch.Tensor:
+        batch = to_device(collate_comparisons([seqs[i] for i in idx], pad_id), device)
+        return answer_logits(model, batch)[:, label_ids].softmax(-1)[:, 0]
+
+    return run_batched([len(s) for s in seqs], batch_size, run, shard,
+                       "compare" if progress else None).tolist()
 
 
 def _pad_id(tokenizer) -> int:
@@ -231,8 +226,7 @@ def load_preference_model(path: str | Path, dtype: str = "fp32", device: str | N
     spec = ModelConfig(path=str(path), dtype=dtype)
     tokenizer = load_tokenizer(spec)
     label_token_ids(tokenizer)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model(spec).to(device).eval(), tokenizer
+    return load_model(spec).to(device or distributed_device()).eval(), tokenizer
 
 
 # --------------------------------------------------------------------------- pm train
@@ -326,7 +320,7 @@ def evaluate_pm(
     for row in rows:
         prompt, chosen, rejected = row.pair.conversations()
         items.append((prompt, chosen[-1]["content"], rejected[-1]["content"]))
-    probs, p, _ = _compare(model, tokenizer, items, batch_size, max_length)
+    probs, p, _ = _compare(model, tokenizer, items, batch_size, max_length, shard=True)
     model.train(was_training)
     probs = torch.tensor(probs)
     wins = ((probs > 0.5).float() + 0.5 * (probs == 0.5).float()).double()

@@ -30,17 +30,12 @@ from ..data.chat import IGNORE
 from ..data.pairs import TokenizedPair, collate_pairs, per_response, tokenize_pair
 from ..data.readers import read_records
 from ..data.records import PreferencePair
+from ..distributed import barrier
 from ..errors import UserError
 from ..losses import DPOLoss, dpo_loss, rpo_nll
 from ..models.loading import load_model, load_tokenizer
 from . import reference as ref_cache
-from .engine import (
-    barrier,
-    inference_precision,
-    resolve_precision,
-    resolve_strategy,
-    setup_distributed,
-)
+from .engine import inference_precision, resolve_precision, resolve_strategy, setup_for
 from .loop import Objective, StepOutput, TrainData, start_run, train
 
 
@@ -180,7 +175,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out
     """
     separate = cfg.reference is not None and not _same_path(cfg.reference, cfg.model.path)
     source = cfg.reference if separate else cfg.model.path
-    rank, world, device = setup_distributed(cfg.train.timeout_minutes, cfg.train.strategy)
+    rank, world, device = setup_for(cfg.train)
     strategy = resolve_strategy(cfg.train.strategy, world)
     precision = resolve_precision(cfg.train.mixed_precision, device)
     load_dtype, autocast = inference_precision(strategy, precision, cfg.model.dtype)
@@ -204,8 +199,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out
         raise UserError(f"reference {source}: its vocabulary is smaller than the tokenizer's "
                         f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
     logps = ref_cache.compute_reference_logps(
-        model.to(device), pairs, pad_id, cfg.dpo.reference_batch_size, autocast,
-        cfg.train.progress and rank == 0, shared, rank, world)
+        model.to(device), pairs, pad_id, cfg.dpo.reference_batch_size, autocast, cfg.train.progress, shared)
     if rank == 0:
         ref_cache.save_cache(path, key, logps, source)
     barrier()

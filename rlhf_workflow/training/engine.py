@@ -28,66 +28,25 @@ size); ZeRO writes DeepSpeed's own checkpoint. Every rank also saves its RNG sta
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from ..config import TrainConfig
+from ..distributed import setup
 from ..errors import UserError
 from ..models.loading import unwrap
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def setup_distributed(timeout_minutes: float = 30.0, strategy: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process. Joins the process group that ``torchrun``
-    or ``accelerate launch`` describe in the environment (NCCL on GPUs, gloo on CPU); FSDP and
-    DeepSpeed get a group of one when the process runs alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if (world > 1 or strategy in ("fsdp", "zero2", "zero3")) and not dist.is_initialized():
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if cuda else None)
-    if not dist.is_initialized():
-        return 0, 1, device
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """``x`` summed over ranks (in place, and returned)."""
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
+def setup_for(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of a training stage's process; FSDP and ZeRO get a process
+    group even when it runs alone."""
+    return setup(cfg.timeout_minutes, group_of_one=cfg.strategy in ("fsdp", "zero2", "zero3"))
 
 
 def resolve_strategy(strategy: str, world: int) -> str:

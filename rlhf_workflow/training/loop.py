@@ -37,10 +37,11 @@ from transformers import get_scheduler
 
 from ..config import Config, OptimConfig, TrainConfig, save_config
 from ..data.batching import plan_batches
+from ..distributed import all_sum, barrier
 from ..errors import UserError
 from ..io import write_json
 from ..models.loading import save_model as save_hf_model
-from .engine import Engine, all_sum, barrier, resolve_precision, resolve_strategy, setup_distributed
+from .engine import Engine, resolve_precision, resolve_strategy, setup_for
 
 
 @dataclass
@@ -148,7 +149,7 @@ def train(
     ``finish(record)`` runs on the main process after the export and before
     ``train_result.json``, which marks the run complete."""
     out = Path(cfg.output_dir)
-    rank, world, device = setup_distributed(cfg.timeout_minutes, cfg.strategy)
+    rank, world, device = setup_for(cfg)
     eng = Engine(resolve_strategy(cfg.strategy, world), resolve_precision(cfg.mixed_precision, device),
                  rank, world, device)
     set_seed(cfg.seed)
@@ -315,7 +316,7 @@ def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:
     settings (unless ``train.resume=force``), clear it with ``train.resume=restart``, save
     ``config.yaml``. Returns the result of an already finished run with the same settings."""
     out = Path(train_cfg.output_dir)
-    rank, _, _ = setup_distributed(train_cfg.timeout_minutes, train_cfg.strategy)
+    rank, _, _ = setup_for(train_cfg)
     saved = out / "config.yaml"
     started = _checkpoints(out) or (out / "train_result.json").exists()
     old = yaml.safe_load(saved.read_text()) if saved.exists() else None

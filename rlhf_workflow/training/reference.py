@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
-from tqdm.auto import tqdm
 
 from ..data.batching import attention_mask
 from ..data.chat import IGNORE
 from ..data.pairs import TokenizedPair, collate_pairs, per_response
+from ..distributed import run_batched, to_device
 from ..io import atomic_open
 from ..models.loading import param_dtype
 from ..models.logprobs import target_logps
-from .engine import all_sum
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -70,33 +69,30 @@ def response_logps(model, batch: dict) -> torch.Tensor:
     return per_response(target_logps(model, inputs, targets[:, start:]), batch)
 
 
-@torch.no_grad()
 def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
-                            autocast: str | None = None, progress: bool = True, shared: bool = False,
-                            rank: int = 0, world: int = 1) -> torch.Tensor:
+                            autocast: str | None = None, progress: bool = True,
+                            shared: bool = False) -> torch.Tensor:
     """(N, 2) summed response log-probs of ``pairs`` under ``model`` (chosen, rejected),
     batched in the shared-prompt layout with ``shared``, under ``autocast`` ("bf16"/"fp16").
 
-    Length-sorted batches are dealt out round-robin: rank r computes batches r, r + world,
-    ...; the ranks' results are summed (each index is filled by one rank only), so every
-    rank returns the whole tensor. A PEFT model is run with its adapters disabled.
+    Every rank of a process group computes its share of the batches and returns the whole
+    tensor (:func:`..distributed.run_batched`). A PEFT model runs with its adapters disabled.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))
-    starts = list(range(0, len(order), batch_size))[rank::world]
     adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "")
+
+    def run(idx: list[int]) -> torch.Tensor:
+        batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, shared), device)
+        return torch.stack(response_logps(model, batch).chunk(2), dim=1)
+
     with adapters_off, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for b in tqdm(starts, desc="reference log-probs", disable=not progress, dynamic_ncols=True):
-            idx = order[b : b + batch_size]
-            batch = collate_pairs([pairs[i] for i in idx], pad_id, shared)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out[idx] = torch.stack(response_logps(model, batch).float().chunk(2), dim=1)
+        out = run_batched([len(p) for p in pairs], batch_size, run,
+                          desc="reference log-probs" if progress else None)
     model.train(was_training)
-    return all_sum(out).cpu()
+    return out
 
 
 def cache_path(out_dir: str | Path, key: str) -> Path:
