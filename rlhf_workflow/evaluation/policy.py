@@ -17,6 +17,7 @@ from pydantic import Field
 from ..config import Config, ModelConfig, save_config
 from ..data.readers import read_records
 from ..data.records import Prompt
+from ..distributed import device
 from ..errors import UserError
 from ..generation.hf import Sample, SamplingConfig, generate_hf
 from ..io import write_json, write_jsonl
@@ -94,7 +95,7 @@ def run_eval_policy(cfg: EvalPolicyConfig) -> dict:
     prompts = read_records(cfg.prompts, Prompt)
     prompts = prompts[: cfg.limit] if cfg.limit else prompts
     torch.manual_seed(cfg.sampling.seed)
-    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    model, tokenizer = load_model(cfg.model).to(device()), load_tokenizer(cfg.model)
     result, samples = evaluate_policy(model, tokenizer, prompts, cfg.sampling)
     out = Path(cfg.out) if cfg.out else default_out(cfg.model.path)
     records = sample_records(prompts, samples)

@@ -20,6 +20,7 @@ from pydantic import Field
 from ..config import Config, save_config
 from ..data.readers import iter_records
 from ..data.records import Rollout
+from ..distributed import barrier, setup
 from .chunks import count_records, join_parts, process_chunks
 
 Scorer = Callable[[list[Rollout]], list[list[float]]]
@@ -98,27 +99,25 @@ def annotate_records(rollouts: list[Rollout], rewards: list[list[float]], penalt
 
 
 def run_annotate(cfg: AnnotateConfig, scorer: Scorer | None = None) -> Path:
-    from accelerate import PartialState
-
     out = Path(cfg.out)
     if out.exists():
         print(f"annotate: {out} exists already")
         return out
-    state = PartialState()
-    if state.is_main_process:
+    rank, world, _ = setup()
+    if rank == 0:
         save_config(cfg, out.with_suffix(".config.yaml"))
     loaded = [scorer]
 
     def fn(i: int, batch: list[Rollout]) -> list[dict]:
         if loaded[0] is None:
-            loaded[0] = make_scorer(cfg.annotator, str(state.device))
+            loaded[0] = make_scorer(cfg.annotator)
         return annotate_records(batch, loaded[0](batch), cfg.annotator.truncation_penalty)
 
-    n_chunks = process_chunks(iter_records(cfg.input, Rollout), out, cfg.chunk_size,
-                              state.process_index, state.num_processes, fn, "annotate", count_records(cfg.input))
-    state.wait_for_everyone()
-    if state.is_main_process:
+    n_chunks = process_chunks(iter_records(cfg.input, Rollout), out, cfg.chunk_size, rank, world, fn,
+                              "annotate", count_records(cfg.input))
+    barrier()
+    if rank == 0:
         join_parts(out, n_chunks)
-        print(f"annotate: {cfg.annotator.kind} rewards for {n_chunks} chunk(s) -> {out}")
-    state.wait_for_everyone()
+        print(f"annotate: {cfg.annotator.kind} rewards for {n_chunks} chunk(s) on {world} process(es) -> {out}")
+    barrier()
     return out

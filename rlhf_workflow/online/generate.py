@@ -21,6 +21,7 @@ from pydantic import Field
 from ..config import Config, ModelConfig, save_config
 from ..data.readers import iter_records
 from ..data.records import Prompt
+from ..distributed import barrier, device, setup
 from ..generation.hf import Sample, SamplingConfig
 from .chunks import chunks, count_records, join_parts, process_chunks
 
@@ -47,8 +48,8 @@ class GenerateConfig(Config):
     shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="k/N: only chunks i with i % N == k (set for engine workers)")
 
 
-def make_generator(cfg: GenerateConfig, device: str | None = None) -> Generator:
-    """Load the policy once; return a function mapping prompts to samples."""
+def make_generator(cfg: GenerateConfig) -> Generator:
+    """Load the policy once (on this process's device); return a function mapping prompts to samples."""
     if cfg.backend == "vllm":
         from ..generation.vllm import make_vllm_generator
 
@@ -56,9 +57,7 @@ def make_generator(cfg: GenerateConfig, device: str | None = None) -> Generator:
     from ..generation.hf import generate_hf
     from ..models.loading import load_model, load_tokenizer
 
-    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-    if device:
-        model.to(device)
+    model, tokenizer = load_model(cfg.model).to(device()), load_tokenizer(cfg.model)
     return lambda prompts, sampling: generate_hf(model, tokenizer, prompts, sampling, progress=False)
 
 
@@ -74,30 +73,29 @@ def rollout_records(prompts: list[Prompt], samples: list[list[Sample]]) -> list[
 
 
 def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Path:
-    from accelerate import PartialState
-
     out = Path(cfg.out)
     if out.exists():
         print(f"generate: {out} exists already")
         return out
-    state = PartialState()
+    rank, world, _ = setup()
     engines = (cfg.vllm.engines or _visible_gpus()) if cfg.backend == "vllm" else 1
-    if state.is_main_process and cfg.shard is None:
+    if rank == 0 and cfg.shard is None:
         save_config(cfg, out.with_suffix(".config.yaml"))
     if cfg.shard is None and engines > 1:
         _run_engines(cfg, engines, out.with_suffix(".config.yaml"))
-        n_chunks = sum(1 for _ in chunks(_prompts(cfg), cfg.chunk_size))
+        n_chunks, world = sum(1 for _ in chunks(_prompts(cfg), cfg.chunk_size)), engines
     else:
-        rank, world = (map(int, cfg.shard.split("/")) if cfg.shard
-                       else (state.process_index, state.num_processes))
-        n_chunks = _generate_chunks(cfg, out, rank, world, generator, state)
-        state.wait_for_everyone()
+        if cfg.shard:
+            rank, world = map(int, cfg.shard.split("/"))
+        n_chunks = _generate_chunks(cfg, out, rank, world, generator)
+        barrier()
         if cfg.shard:
             return out  # an engine worker: the launcher joins the parts
-    if state.is_main_process:
+    if rank == 0:
         join_parts(out, n_chunks)
-        print(f"generate: {n_chunks} chunk(s), {cfg.sampling.n} responses per prompt -> {out}")
-    state.wait_for_everyone()
+        print(f"generate: {n_chunks} chunk(s) on {world} process(es), {cfg.sampling.n} responses per "
+              f"prompt -> {out}")
+    barrier()
     return out
 
 
@@ -106,12 +104,12 @@ def _prompts(cfg: GenerateConfig) -> Iterator[Prompt]:
     return islice(records, cfg.limit) if cfg.limit else records
 
 
-def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, state) -> int:
+def _generate_chunks(cfg, out: Path, rank: int, world: int, generator) -> int:
     loaded = [generator]
 
     def fn(i: int, batch: list[Prompt]) -> list[dict]:
         if loaded[0] is None:
-            loaded[0] = make_generator(cfg, str(state.device) if state.num_processes > 1 else None)
+            loaded[0] = make_generator(cfg)
         sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + i})
         return rollout_records(batch, loaded[0]([p.messages() for p in batch], sampling))
 
