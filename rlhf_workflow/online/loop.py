@@ -67,7 +67,12 @@ class LoopConfig(Config):
                                                  micro_batch_size=8, save_every=50))
     eval: LoopEvalConfig = LoopEvalConfig()
     processes: int = Field(1, ge=1, description="processes (e.g. GPUs) per stage; > 1 runs generate, annotate "
-                           "and DPO with `torchrun` (the loop itself stays one process)")
+                           "and DPO on that many ranks (the loop itself stays one process)")
+    launcher: list[str] = Field(
+        default_factory=list, description="command that starts a stage's ranks when processes > 1, followed by "
+        "`-m rlhf_workflow.cli STAGE --config FILE`; '{processes}' is replaced. Default: torchrun --standalone "
+        "--nproc_per_node {processes}. E.g. [accelerate, launch, --config_file, acc.yaml], or an srun + torchrun "
+        "line for several nodes")
     force: bool = Field(False, description="resume even though the config changed")
 
 
@@ -140,7 +145,7 @@ RUNNERS = {"generate": run_generate, "annotate": run_annotate, "dpo": run_dpo}
 
 def _launch(cfg: LoopConfig, command: str, stage_cfg: Config, config_path: Path,
             processes: int | None = None) -> None:
-    """Run a stage here, or on ``processes`` processes of this machine with ``torchrun``."""
+    """Run a stage here, or on ``processes`` ranks started by the launcher (torchrun by default)."""
     processes = cfg.processes if processes is None else processes
     if processes == 1:
         RUNNERS[command](stage_cfg)
@@ -149,7 +154,9 @@ def _launch(cfg: LoopConfig, command: str, stage_cfg: Config, config_path: Path,
     import sys
 
     save_config(stage_cfg, config_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+    launcher = cfg.launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc_per_node", "{processes}"]
+    cmd = [*(a.replace("{processes}", str(processes)) for a in launcher),
            "-m", "rlhf_workflow.cli", command, "--config", str(config_path)]
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError(f"{command} on {processes} processes failed; re-run to continue")
@@ -214,11 +221,12 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
 
 
 def _check_config(cfg: LoopConfig, path: Path) -> None:
-    new = cfg.model_dump(mode="json", exclude={"force", "processes"})
+    how = {"force", "processes", "launcher"}  # how to run, not what: may change on resume
+    new = cfg.model_dump(mode="json", exclude=how)
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
-        old.pop("force", None)
-        old.pop("processes", None)
+        for key in how:
+            old.pop(key, None)
         diff = sorted(_diff(old, new))
         if diff and not cfg.force:
             raise UserError(f"{path.parent} was started with another config (differs in: "

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 import tracemalloc
 
 import pytest
@@ -134,13 +135,21 @@ def test_prompt_slices_stream_a_large_pool(tmp_path):
         _slice_prompts(cfg, 3, tmp_path / "c.jsonl")
 
 
-def test_stages_on_two_processes(full_run, tiny_model, sandbox_data, trained_rm, tmp_path, monkeypatch):
-    """processes=2: generate, annotate and DPO run under `accelerate launch` (gloo on CPU)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+@pytest.mark.parametrize("launcher", ["default", "explicit"])
+def test_stages_on_two_processes(launcher, full_run, tiny_model, sandbox_data, trained_rm, tmp_path):
+    """processes=2: generate, annotate and DPO run on 2 ranks (torchrun, gloo on CPU), by the
+    default launcher or a configured one; the loop itself stays one process. Rollouts, rewards
+    and pairs are the 1-process run's bytes; DPO (DDP, same global batch) its weights."""
     full, _ = full_run
     out = tmp_path / "two"
-    run_loop(_cfg(tiny_model, sandbox_data, trained_rm, out, "iterations=1", "processes=2"))
+    extra = [f"launcher=[{sys.executable}, -m, torch.distributed.run, --nnodes, '1', --nproc_per_node, '{{processes}}', "
+             "--rdzv_backend, c10d, --rdzv_endpoint, 'localhost:0']"] if launcher == "explicit" else []
+    run_loop(_cfg(tiny_model, sandbox_data, trained_rm, out, "iterations=1", "processes=2", *extra))
     for f in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
-        assert (out / "iter_1" / f).read_text() == (full / "iter_1" / f).read_text(), f
-    assert (out / "iter_1" / "dpo" / "model" / "model.safetensors").exists()
-    assert (out / "iter_1" / "dpo.yaml").exists()  # the stage config the processes read
+        assert (out / "iter_1" / f).read_bytes() == (full / "iter_1" / f).read_bytes(), f
+    assert (out / "iter_1" / "dpo.yaml").exists()  # the stage config the ranks read
+    assert json.loads((out / "iter_1" / "dpo" / "train_plan.json").read_text())["processes"] == 2
+    wa = load_file(full / "iter_1" / "dpo" / "model" / "model.safetensors")
+    wb = load_file(out / "iter_1" / "dpo" / "model" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-5)
