@@ -227,6 +227,8 @@ def train(
                   "grad_norm": grad_norm, "items": items}
         record.update({n: v / items for n, v in zip(names, reduced[1:-2], strict=True)})
         record["tokens_per_s"] = round(tokens_seen / (time.perf_counter() - t0), 1)
+        if device.type == "cuda":
+            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         done = step + 1 == total
         if evaluate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             model.eval()
