@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -148,12 +149,17 @@ def _flags_to_overrides(args: list[str]) -> list[str]:
     return out
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = _split_command(argv)
     if name is None:
         return _no_command(argv)
     cmd = COMMANDS[name]
+    signal.signal(signal.SIGTERM, _terminate)  # a scheduler's pre-emption stops like Ctrl-C
     want_help = "-h" in rest or "--help" in rest
     args = _command_parser(name, cmd, want_help).parse_args(_flags_to_overrides(rest))
     try:
@@ -164,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{f' ({e})' if str(e) else ''}; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
 

@@ -69,6 +69,8 @@ class TrainConfig(Config):
     resume: Literal["auto", "force", "restart"] = Field(
         "auto", description="auto: continue from the last checkpoint if the settings are unchanged (else "
         "stop); force: continue with the new settings; restart: clear output_dir and start over")
+    on_nonfinite: Literal["error", "skip"] = Field(
+        "error", description="a nan/inf loss or gradient norm: stop (keeping the checkpoints) or skip the step")
     save_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
         None, description="dtype of the exported model (None: as trained, fp32)")
     timeout_minutes: float = Field(30.0, gt=0, description="how long a rank waits for the others")

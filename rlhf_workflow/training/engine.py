@@ -28,6 +28,7 @@ size); ZeRO writes DeepSpeed's own checkpoint. Every rank also saves its RNG sta
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -182,22 +183,27 @@ class Engine:
         else:
             self.scaler.scale(loss).backward()
 
-    def step(self, max_grad_norm: float) -> float:
-        """Clip, update, zero the gradients; returns the gradient norm before clipping."""
+    def step(self, max_grad_norm: float, skip: bool = False) -> tuple[float, bool]:
+        """Clip, update, zero the gradients: (gradient norm before clipping, whether the weights
+        were updated). Nothing is updated when ``skip`` is set or the norm is not finite
+        (under fp16 the loss scaler handles overflow itself; DeepSpeed always steps)."""
         if self.deepspeed:
             self.model.step()
             norm = self.model.get_global_grad_norm()
-            return float(norm) if norm is not None else 0.0
+            return (float(norm) if norm is not None else 0.0), True
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        update = self.scaler.is_enabled() or (not skip and math.isfinite(norm))
+        if update:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm, update
 
     def module(self):
         """The model to call for evaluation (the sharded module itself under FSDP/ZeRO-3)."""

@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable
@@ -37,7 +40,7 @@ from transformers import get_scheduler
 
 from ..config import Config, OptimConfig, TrainConfig, save_config
 from ..data.batching import plan_batches
-from ..distributed import all_sum, barrier
+from ..distributed import all_sum, barrier, to_device
 from ..errors import UserError
 from ..io import write_json
 from ..models.loading import save_model as save_hf_model
@@ -152,6 +155,8 @@ def train(
     rank, world, device = setup_for(cfg)
     eng = Engine(resolve_strategy(cfg.strategy, world), resolve_precision(cfg.mixed_precision, device),
                  rank, world, device)
+    if eng.deepspeed and cfg.on_nonfinite == "skip":
+        raise UserError("train.on_nonfinite=skip is not available with DeepSpeed (it steps inside its engine)")
     set_seed(cfg.seed)
     micro, accum = batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world)
     plan = StepPlan(data, cfg, micro, accum, world)
@@ -197,56 +202,65 @@ def train(
     record: dict[str, float] = {}
     model.train()
     t0, last_save, tokens_seen = time.perf_counter(), time.monotonic(), 0.0
-    for step in range(start, total):
-        epoch, micro_list = plan.micro_batches(step, rank)
-        batches = [data.collate(rows) for rows in micro_list]
-        items = all_sum(torch.tensor(float(sum(b["num_items"] for b in batches)), device=device)).item()
-        items = max(items, 1.0)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        sums: dict[str, torch.Tensor] = {}
-        loss_total = torch.zeros((), device=device)
-        for i, batch in enumerate(batches):
-            tensors = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
-            with eng.micro_batch(last=i == len(batches) - 1):
-                res = objective(model, tensors)
-                eng.backward(res.loss_sum * world / items)
-            loss_total += res.loss_sum.detach().float()
-            for name, v in res.metric_sums.items():
-                sums[name] = sums.get(name, 0) + torch.as_tensor(v, dtype=torch.float32).detach()
-        grad_norm = eng.step(optim.max_grad_norm)
-        scheduler.step()
-
-        names = sorted(sums)
-        due_time = eng.is_main and cfg.save_minutes > 0 and time.monotonic() - last_save > 60 * cfg.save_minutes
-        local = [loss_total, *(sums[n].to(device) for n in names),
-                 torch.tensor(float(sum(b["num_tokens"] for b in batches)), device=device),
-                 torch.tensor(float(due_time), device=device)]
-        reduced = all_sum(torch.stack([x.float().reshape(()) for x in local])).tolist()
-        tokens_seen += reduced[-2]
-        record = {"step": step + 1, "epoch": round(epoch, 4), "loss": reduced[0] / items, "lr": lr,
-                  "grad_norm": grad_norm, "items": items}
-        record.update({n: v / items for n, v in zip(names, reduced[1:-2], strict=True)})
-        record["tokens_per_s"] = round(tokens_seen / (time.perf_counter() - t0), 1)
-        if device.type == "cuda":
-            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        done = step + 1 == total
-        if evaluate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            model.eval()
-            record.update({f"eval/{key}": v for key, v in evaluate(eng.module()).items()})
-            model.train()
-        if eng.is_main and ((step + 1) % cfg.log_every == 0 or done or "eval/loss" in record
-                            or any(k.startswith("eval/") for k in record)):
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            for tracker in trackers:
-                tracker.log(record, step=step + 1)
-        bar.set_postfix(_shown(record), refresh=False)
-        bar.update(1)
-        if not done and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or reduced[-1] > 0):
-            _save_checkpoint(eng, out, step + 1, cfg.keep_checkpoints)
-            last_save = time.monotonic()
-        if on_step is not None:
-            on_step(step + 1, record)
+    skipped = 0
+    with StopOnSignal() as stop:
+        for step in range(start, total):
+            epoch, micro_list = plan.micro_batches(step, rank)
+            batches = [data.collate(rows) for rows in micro_list]
+            items = all_sum(torch.tensor(float(sum(b["num_items"] for b in batches)), device=device)).item()
+            items = max(items, 1.0)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            sums: dict[str, torch.Tensor] = {}
+            loss_total = torch.zeros((), device=device)
+            for i, batch in enumerate(batches):
+                tensors = to_device(batch, device)
+                with eng.micro_batch(last=i == len(batches) - 1):
+                    res = objective(model, tensors)
+                    eng.backward(res.loss_sum * world / items)
+                loss_total += res.loss_sum.detach().float()
+                for name, v in res.metric_sums.items():
+                    sums[name] = sums.get(name, 0) + torch.as_tensor(v, dtype=torch.float32).detach()
+            names = sorted(sums)
+            due_time = eng.is_main and cfg.save_minutes > 0 and time.monotonic() - last_save > 60 * cfg.save_minutes
+            local = [loss_total, *(sums[n].to(device) for n in names),
+                     torch.tensor(float(sum(b["num_tokens"] for b in batches)), device=device),
+                     torch.tensor(float(due_time), device=device), torch.tensor(float(stop.requested), device=device)]
+            reduced = all_sum(torch.stack([x.float().reshape(()) for x in local])).tolist()
+            loss = reduced[0] / items
+            grad_norm, updated = eng.step(optim.max_grad_norm, skip=not math.isfinite(loss))
+            scheduler.step()
+            if not (updated and math.isfinite(loss) and math.isfinite(grad_norm)):
+                skipped = _nonfinite(cfg, out, step + 1, loss, grad_norm, skipped)
+            tokens_seen += reduced[-3]
+            record = {"step": step + 1, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+                      "grad_norm": grad_norm, "items": items}
+            record.update({n: v / items for n, v in zip(names, reduced[1:-3], strict=True)})
+            record["tokens_per_s"] = round(tokens_seen / (time.perf_counter() - t0), 1)
+            if skipped:
+                record["skipped_steps"] = skipped
+            if device.type == "cuda":
+                record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            done = step + 1 == total
+            if evaluate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                model.eval()
+                record.update({f"eval/{key}": v for key, v in evaluate(eng.module()).items()})
+                model.train()
+            if eng.is_main and ((step + 1) % cfg.log_every == 0 or done or any(k.startswith("eval/") for k in record)):
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                for tracker in trackers:
+                    tracker.log(record, step=step + 1)
+            bar.set_postfix(_shown(record), refresh=False)
+            bar.update(1)
+            stopping = reduced[-1] > 0 and not done
+            if not done and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or reduced[-2] > 0 or stopping):
+                _save_checkpoint(eng, out, step + 1, cfg.keep_checkpoints)
+                last_save = time.monotonic()
+            if stopping:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {step + 1} of {total}, checkpoint saved")
+            if on_step is not None:
+                on_step(step + 1, record)
     bar.close()
     _export(eng, tokenizer, out / "model", cfg.save_dtype)
     if eng.is_main:
@@ -257,6 +271,44 @@ def train(
         tracker.finish()
     barrier()
     return record
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM during training: finish the step, save a
+    checkpoint, stop; a second signal stops at once. Every rank agrees on the step (the flag
+    travels with the step's reduced numbers)."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _nonfinite(cfg: TrainConfig, out: Path, step: int, loss: float, grad_norm: float, skipped: int) -> int:
+    """A step whose loss or gradient norm is nan/inf updated nothing: stop (the checkpoints so
+    far are kept), or with ``train.on_nonfinite=skip`` count it and go on."""
+    what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
+    if cfg.on_nonfinite == "error":
+        last = _checkpoints(out)[-1][1].name if _checkpoints(out) else "none yet"
+        raise UserError(f"{what}: the weights were not updated and training stopped (last checkpoint: "
+                        f"{last}); lower optim.lr, check the data, or set train.on_nonfinite=skip")
+    print(f"warning: {what}: step skipped", file=sys.stderr)
+    return skipped + 1
 
 
 def _shown(record: dict) -> dict[str, str]:

@@ -116,3 +116,68 @@ def test_activation_checkpointing_gives_the_same_training(tiny_model, sandbox_da
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def _nan_at(step_to_fail, monkeypatch):
+    """Make the SFT loss nan on one optimizer step (its micro-batches)."""
+    from rlhf_workflow.training import sft as sft_module
+
+    real, calls = sft_module.sft_objective, []
+
+    def objective(model, batch):
+        calls.append(1)
+        out = real(model, batch)
+        if len(calls) == step_to_fail:  # one micro-batch per step here
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(sft_module, "sft_objective", objective)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoints(tiny_model, sandbox_data, tmp_path, monkeypatch):
+    _nan_at(3, monkeypatch)
+    cfg = _cfg(tiny_model, sandbox_data, tmp_path, "train.max_steps=5", "train.save_every=2",
+               "train.micro_batch_size=4")
+    with pytest.raises(UserError, match=r"step 3: loss nan, gradient norm nan: the weights were not updated "
+                                         r"and training stopped \(last checkpoint: step-000002\)"):
+        run_sft(cfg)
+    assert not (tmp_path / "model").exists() and (tmp_path / "checkpoints" / "step-000002").exists()
+
+
+def test_a_nan_step_is_skipped_on_request(tiny_model, sandbox_data, tmp_path, monkeypatch, capsys):
+    _nan_at(3, monkeypatch)
+    run_sft(_cfg(tiny_model, sandbox_data, tmp_path, "train.max_steps=5", "train.micro_batch_size=4",
+                 "train.on_nonfinite=skip"))
+    records = _records(tmp_path)
+    assert [r.get("skipped_steps", 0) for r in records] == [0, 0, 1, 1, 1]
+    assert math.isnan(records[2]["loss"]) and math.isfinite(records[3]["loss"])
+    assert "step 3: loss nan, gradient norm nan: step skipped" in capsys.readouterr().err
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "model" / "model.safetensors").values())
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_resumes(tiny_model, sandbox_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "rlhf_workflow.cli", "sft", f"model.path={tiny_model}",
+            f"data.train={sandbox_data / 'sft.jsonl'}", "data.max_length=128", "data.packing=false",
+            "train.max_steps=60", "train.global_batch_size=4", "train.log_every=1", "train.progress=false",
+            f"train.output_dir={tmp_path}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # as a cluster scheduler does on pre-emption
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    stopped = int(err.split("stopped at step ")[1].split()[0])
+    assert "checkpoint saved); run the same command again to resume" in err
+    assert 1 <= stopped < 60 and (tmp_path / "checkpoints" / f"step-{stopped:06d}" / "state.json").exists()
+    assert not (tmp_path / "model").exists()
+    done = subprocess.run(args,
+                          capture_output=True, text=True, timeout=600)
+    assert f"resuming at step {stopped}" in done.stdout
+    assert [r["step"] for r in _records(tmp_path)] == list(range(1, 61))
