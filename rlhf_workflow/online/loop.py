@@ -15,6 +15,7 @@ a stage). Layout::
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -221,22 +222,30 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
 
 
 def _check_config(cfg: LoopConfig, path: Path) -> None:
-    how = {"force", "processes", "launcher"}  # how to run, not what: may change on resume
+    """Save the run's config; on a re-run, refuse one that differs in what the run computes
+    (every differing key is named) unless ``force``. How the run is launched (processes,
+    launcher) and where its folder is (``out``: a moved run) may change; paths are compared
+    normalised (``runs/x/`` is ``runs/x``)."""
+    how = {"force", "processes", "launcher", "out"}
     new = cfg.model_dump(mode="json", exclude=how)
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
-        for key in how:
-            old.pop(key, None)
-        diff = sorted(_diff(old, new))
+        if not isinstance(old, dict) or not {"iterations", "policy", "prompts"} <= old.keys():
+            raise UserError(f"{path.parent} is not a loop run directory (its config.yaml belongs to another "
+                            "command); choose a new out=")
+        diff = _diff({k: v for k, v in old.items() if k not in how}, new)
         if diff and not cfg.force:
-            raise UserError(f"{path.parent} was started with another config (differs in: "
-                            f"{', '.join(diff[:8])}); use --force to continue anyway")
+            more = f" and {len(diff) - 10} more" if len(diff) > 10 else ""
+            raise UserError(f"{path.parent} was started with another config ({len(diff)} keys differ: "
+                            f"{', '.join(diff[:10])}{more}); use --force to continue anyway")
     save_config(cfg, path)
 
 
 def _diff(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in a.keys() | b.keys() for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return sorted(k for key in a.keys() | b.keys() for k in _diff(a.get(key), b.get(key), f"{prefix}{key}."))
+    if isinstance(a, str) and isinstance(b, str) and "/" in a + b and os.path.normpath(a) == os.path.normpath(b):
+        return []
     return [] if a == b else [prefix.rstrip(".")]
 
 

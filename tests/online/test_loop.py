@@ -109,10 +109,27 @@ def test_resume_after_failures_gives_the_same_files(full_run, tiny_model, sandbo
 def test_changed_config_on_resume_is_an_error(full_run, tiny_model, sandbox_data, trained_rm):
     full, _ = full_run
     cfg = _cfg(tiny_model, sandbox_data, trained_rm, full, "select.strategy=max_max", "dpo.optim.lr=5e-4")
-    with pytest.raises(UserError, match=r"differs in: dpo.optim.lr, select.strategy\); use --force"):
+    with pytest.raises(UserError, match=r"2 keys differ: dpo.optim.lr, select.strategy\); use --force"):
         run_loop(cfg)
+    # a moved run directory, or a path written with a trailing slash, is the same run
+    same = _cfg(tiny_model, sandbox_data, trained_rm, str(full) + "/",
+                f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}/")
+    assert len(run_loop(same)["iterations"]) == 3
+    twelve = [f"dpo.train.{k}=3" for k in ("max_steps", "eval_every", "log_every", "save_every", "keep_checkpoints",
+                                           "micro_batch_size", "seed")] + [
+        "dpo.optim.lr=1e-5", "dpo.optim.eps=1e-6", "dpo.dpo.beta=0.3", "select.min_margin=0.1", "iterations=3"]
+    with pytest.raises(UserError, match=r"12 keys differ: .* and 2 more\); use --force"):
+        run_loop(_cfg(tiny_model, sandbox_data, trained_rm, full, *twelve))
     forced = _cfg(tiny_model, sandbox_data, trained_rm, full, "select.strategy=max_max", "force=true")
     assert len(run_loop(forced)["iterations"]) == 3  # everything done already: nothing recomputed
+
+
+def test_a_folder_of_another_command_is_not_a_loop_run(tiny_model, sandbox_data, trained_rm, tmp_path):
+    other = tmp_path / "dpo"
+    other.mkdir()
+    (other / "config.yaml").write_text("model: {path: x}\nreference: null\n")
+    with pytest.raises(UserError, match="is not a loop run directory"):
+        run_loop(_cfg(tiny_model, sandbox_data, trained_rm, other))
 
 
 def test_prompt_slices_stream_a_large_pool(tmp_path):
