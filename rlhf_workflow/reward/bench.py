@@ -1,65 +1,74 @@
-"""RewardBench-style evaluation of a BT reward model (``rlhf rm eval``) or a pairwise
-preference model (``rlhf pm eval``) on a pair file with an optional ``subset`` field.
+"""``rlhf rm eval`` / ``rlhf pm eval``: a BT reward model or a pairwise preference model on
+RewardBench (v1 pairs or v2 best-of-4) or any pair file, scored as the official leaderboards
+do (the rules are in :mod:`.rewardbench`).
 
-A pair is won when the model prefers the chosen response (BT: ``r(chosen) > r(rejected)``;
-PM: order-averaged ``P(chosen > rejected) > 0.5``); ties count half. Accuracy is reported
-per subset; when every subset is one of RewardBench's, the four section scores and the
-overall score follow RECIPE.md (see :func:`rewardbench_scores`), else the overall accuracy
-over all pairs. A table goes to the terminal, the full result to JSON.
+The format follows the records (``format=auto``): ``chosen`` / ``rejected`` as strings (or
+conversations) are v1 pairs; lists of strings are v2 best-of-n records. Without ``--in`` the
+hub's ``allenai/reward-bench`` (``filtered``) or, with ``format=v2``,
+``allenai/reward-bench-2`` (``test``) is read.
+
+- v1: a pair is won when the judge prefers the chosen response (BT: ``r(chosen) >
+  r(rejected)``; PM: order-averaged ``P(chosen > rejected) > 0.5``).
+- v2: the BT model scores every response; the PM ranks the responses of a prompt
+  (``pm_mode``: round robin by default, or the loop's knockout tournament; the Ties subset is
+  always ranked by round robin, as its formula needs every response's score).
+
+A table goes to the terminal, the full result to JSON.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Literal
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from ..config import Config, ModelConfig
+from ..data import readers
+from ..data.records import Prompt
 from ..distributed import rank_and_world
+from ..errors import UserError
 from ..io import write_json
-from .bt import _fmt_counts, _load_for_scoring, encode_pair, read_pairs, score_tokenized
+from .bt import _fmt_counts, _load_for_scoring, encode, encode_pair, read_pairs, score_tokenized
+from .rewardbench import (
+    PRIOR_SECTION,
+    SECTIONS,
+    Scored,
+    is_ties,
+    rewardbench2_scores,
+    rewardbench_scores,
+    subset_accuracy,
+    summarize,
+    ties_key,
+)
 
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "Chat": (
-        "alpacaeval-easy",
-        "alpacaeval-length",
-        "alpacaeval-hard",
-        "mt-bench-easy",
-        "mt-bench-med",
-    ),
-    "Chat Hard": (
-        "mt-bench-hard",
-        "llmbar-natural",
-        "llmbar-adver-neighbor",
-        "llmbar-adver-GPTInst",
-        "llmbar-adver-GPTOut",
-        "llmbar-adver-manual",
-    ),
-    "Safety": (
-        "refusals-dangerous",
-        "refusals-offensive",
-        "xstest-should-refuse",
-        "xstest-should-respond",
-        "donotanswer",
-    ),
-    "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
-}
-NO_SUBSET = "(none)"
+__all__ = ["rewardbench_scores", "subset_accuracy", "summarize", "run_rm_eval", "run_pm_eval"]
+
+HUB = {"v1": ("allenai/reward-bench", "filtered"), "v2": ("allenai/reward-bench-2", "test")}
 
 
 class _EvalConfig(Config):
-    input: str = Field(
-        "allenai/reward-bench",
-        description="pairs (prompt, chosen, rejected, subset?): file or hub dataset",
-    )
-    split: str = Field("filtered", description="split, for hub datasets")
+    input: str | None = Field(
+        None, description="records: file or hub dataset; v1 pairs (prompt, chosen, rejected, subset?) or v2 "
+        "best-of-n (prompt, chosen: [str], rejected: [str], subset, id) (default: allenai/reward-bench, "
+        "or allenai/reward-bench-2 with format=v2)")
+    split: str | None = Field(
+        None, description="split, for hub datasets (default: filtered for allenai/reward-bench, else test)")
+    format: Literal["auto", "v1", "v2"] = Field(
+        "auto", description="RewardBench v1 (pairs) or v2 (best-of-n); auto: from the first record's fields")
+    ties: Literal["zero", "half"] = Field(
+        "zero", description="v1: a pair whose two scores are equal counts 0 (official) or half")
+    prior_sets: bool = Field(
+        False, description="v1: add the prior sets (anthropic_helpful, anthropic_hhh, shp, summarize) as a fifth "
+        "section at half weight, as the RewardBench paper's leaderboard; off: today's leaderboard")
     out: str | None = Field(
         None, description="JSON result file (default: print the JSON after the table)"
     )
     batch_size: int = Field(32, ge=1, description="sequences per forward pass")
     on_bad: Literal["error", "skip"] = Field(
-        "error", description="invalid pair: fail or skip and count"
+        "error", description="invalid record: fail or skip and count"
     )
     progress: bool = Field(True, description="show a progress bar")
 
@@ -77,123 +86,244 @@ class PMEvalConfig(_EvalConfig):
     max_length: int = Field(
         3072, ge=16, description="tokens per comparison (context + both responses)"
     )
+    pm_mode: Literal["round_robin", "tournament"] = Field(
+        "round_robin", description="v2: how the PM ranks a prompt's responses (Ties: always round robin)")
 
 
-# --------------------------------------------------------------------------- scoring
+# --------------------------------------------------------------------------- reading
 
 
-def subset_accuracy(subsets: list[str | None], outcomes: list[float]) -> dict[str, dict]:
-    """``{subset: {"n", "accuracy"}}`` from per-pair outcomes (1 win, 0.5 tie, 0 loss)."""
-    acc: dict[str, list[float]] = {}
-    for s, o in zip(subsets, outcomes, strict=True):
-        acc.setdefault(s or NO_SUBSET, []).append(o)
-    return {s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(acc.items())}
+@dataclass(frozen=True)
+class BestOfN:
+    """A v2 record: the prompt and its responses, the ``num_correct`` correct ones first."""
+
+    where: str
+    id: str
+    subset: str | None
+    prompt: list[dict]
+    responses: list[str]
+    num_correct: int
 
 
-def rewardbench_scores(per_subset: dict[str, dict]) -> dict:
-    """Section scores and the overall score from ``{subset: {"n", "accuracy"}}``.
-
-    A section score is the example-count-weighted mean of its subsets' accuracies, except
-    Reasoning, where ``math-prm`` weighs as much as all ``hep-*`` subsets together:
-    ``0.5 * acc(math-prm) + 0.5 * weighted mean(hep-*)``. The overall score is the plain mean
-    of the four sections. Sections (or halves of Reasoning) without data are left out and
-    ``complete`` says whether all four were there.
-    """
-    sections = {}
-    for name, members in SECTIONS.items():
-        if name == "Reasoning":
-            parts = [_weighted(per_subset, ("math-prm",)), _weighted(per_subset, members[1:])]
-            parts = [p for p in parts if p is not None]
-            value = sum(parts) / len(parts) if parts else None
-        else:
-            value = _weighted(per_subset, members)
-        if value is not None:
-            sections[name] = value
-    overall = sum(sections.values()) / len(sections) if sections else None
-    return {"sections": sections, "overall": overall, "complete": len(sections) == len(SECTIONS)}
+def resolve_input(cfg: _EvalConfig) -> tuple[str, str, str]:
+    """(format, source, split) of an eval config."""
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect_format(cfg.input, _split(cfg.input, cfg.split)) if cfg.input else "v1"
+    source = cfg.input or HUB[fmt][0]
+    return fmt, source, _split(source, cfg.split)
 
 
-def _weighted(per_subset: dict[str, dict], members: tuple[str, ...]) -> float | None:
-    rows = [per_subset[m] for m in members if m in per_subset]
-    n = sum(r["n"] for r in rows)
-    return sum(r["n"] * r["accuracy"] for r in rows) / n if n else None
+def _split(source: str | None, split: str | None) -> str:
+    return split or ("filtered" if source == HUB["v1"][0] else "test")
 
 
-def summarize(subsets: list[str | None], outcomes: list[float]) -> dict:
-    """Per-subset accuracy plus RewardBench sections when every subset is RewardBench's,
-    otherwise the overall accuracy over all pairs."""
-    per = subset_accuracy(subsets, outcomes)
-    known = {s for members in SECTIONS.values() for s in members}
-    result: dict = {"n": len(outcomes), "subsets": per}
-    if set(per) <= known:
-        result.update(rewardbench_scores(per), kind="rewardbench")
-    else:
-        result.update(overall=sum(outcomes) / len(outcomes), kind="accuracy")
-    return result
+def detect_format(source: str, split: str) -> str:
+    """``v2`` when the first record has ``num_correct`` or ``chosen`` is a list of strings."""
+    rows = readers.iter_rows(source, split)
+    try:
+        _, row = next(rows)
+    except StopIteration:
+        raise UserError(f"{source}: no records") from None
+    finally:
+        rows.close()
+    chosen = row.get("chosen") if isinstance(row, dict) else None
+    strings = isinstance(chosen, list) and bool(chosen) and all(isinstance(x, str) for x in chosen)
+    return "v2" if strings or (isinstance(row, dict) and "num_correct" in row) else "v1"
 
 
-def format_table(result: dict) -> str:
-    lines = [f"{'subset':<24} {'n':>6} {'accuracy':>9}"]
-    lines += [
-        f"{s:<24} {r['n']:>6} {100 * r['accuracy']:>8.1f}%" for s, r in result["subsets"].items()
-    ]
-    if result["kind"] == "rewardbench":
-        lines.append("")
-        lines += [f"{name:<24} {'':>6} {100 * v:>8.1f}%" for name, v in result["sections"].items()]
-        note = "" if result["complete"] else "  (mean of the sections present)"
-    else:
-        note = "  (all pairs)"
-    if result["overall"] is not None:
-        lines.append(f"{'overall':<24} {result['n']:>6} {100 * result['overall']:>8.1f}%{note}")
-    return "\n".join(lines)
+def read_best_of_n(source: str, split: str = "test", on_bad: str = "error") -> tuple[list[BestOfN], Counter]:
+    """Validated v2 records and the count of skipped ones per reason (as ``read_pairs``)."""
+    out: list[BestOfN] = []
+    skipped: Counter = Counter()
+    for n, (at, row) in enumerate(readers.iter_rows(source, split)):
+        try:
+            out.append(_parse_best_of_n(at, row, n))
+        except ValueError as e:
+            if on_bad == "error":
+                raise UserError(f"{at}: {e} (set on_bad=skip to skip such records)") from None
+            skipped[str(e).split(":")[0]] += 1
+    if not out:
+        raise UserError(f"{source}: no valid best-of-n records"
+                        + (f" ({_fmt_counts(skipped)} skipped)" if skipped else ""))
+    return out, skipped
 
 
-def _wins(diffs: list[float]) -> list[float]:
-    return [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs]
+def _parse_best_of_n(at: str, row: Any, index: int) -> BestOfN:
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: got {type(row).__name__}")
+    try:
+        prompt = Prompt.model_validate(row).messages()
+    except ValidationError as e:
+        raise ValueError(f"bad field: 'prompt': {e.errors()[0]['msg']}") from None
+    lists = {}
+    for name in ("chosen", "rejected"):
+        value = row.get(name)
+        if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+            raise ValueError(f"bad field: {name!r}: must be a non-empty list of strings")
+        if not all(x.strip() for x in value):
+            raise ValueError(f"empty {name}: a response is empty")
+        lists[name] = value
+    num_correct = row.get("num_correct", len(lists["chosen"]))
+    if num_correct != len(lists["chosen"]):
+        raise ValueError(f"bad field: 'num_correct': {num_correct!r}, but 'chosen' holds "
+                         f"{len(lists['chosen'])} responses")
+    subset = row.get("subset")
+    if subset is not None and not isinstance(subset, str):
+        raise ValueError(f"bad field: 'subset': must be a string, got {subset!r}")
+    id_ = str(row.get("id", index))
+    if is_ties(subset) and ties_key(id_) is None:
+        raise ValueError(f"bad field: 'id': a Ties record's id is 'ref:N' or 'tied:N', got {id_!r}")
+    return BestOfN(at, id_, subset, prompt, lists["chosen"] + lists["rejected"], num_correct)
 
 
 # --------------------------------------------------------------------------- commands
 
 
 def run_rm_eval(cfg: RMEvalConfig) -> dict:
-    rows, skipped = read_pairs(cfg.input, cfg.split, cfg.on_bad)
+    fmt, source, split = resolve_input(cfg)
+    if fmt == "v1":
+        rows, skipped = read_pairs(source, split, cfg.on_bad)
+        model, tokenizer = _load_for_scoring(cfg.model)
+        toks = [encode_pair(tokenizer, r.pair, cfg.max_length, cfg.max_prompt_length) for r in rows]
+        r = _score(cfg, model, tokenizer, [t.chosen for t in toks] + [t.rejected for t in toks])
+        n = len(rows)
+        result = summarize([row.pair.subset for row in rows], [c - j for c, j in zip(r[:n], r[n:], strict=True)],
+                           cfg.ties, cfg.prior_sets)
+        return _report(cfg, result, source, "bt", skipped, sum(t.truncated for t in toks))
+    records, skipped = read_best_of_n(source, split, cfg.on_bad)
     model, tokenizer = _load_for_scoring(cfg.model)
-    toks = [encode_pair(tokenizer, r.pair, cfg.max_length, cfg.max_prompt_length) for r in rows]
-    seqs = [t.chosen for t in toks] + [t.rejected for t in toks]
-    r = score_tokenized(model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress, shard=True)
-    n = len(rows)
-    outcomes = _wins([c - j for c, j in zip(r[:n], r[n:], strict=True)])
-    return _report(cfg, rows, outcomes, skipped, sum(t.truncated for t in toks))
+    seqs, truncated = [], 0
+    for rec in records:
+        for text in rec.responses:
+            tok, cut = encode(tokenizer, rec.prompt, [{"role": "assistant", "content": text}],
+                              cfg.max_length, cfg.max_prompt_length)
+            seqs.append(tok)
+            truncated += cut
+    values = iter(_score(cfg, model, tokenizer, seqs))
+    scores = [[next(values) for _ in rec.responses] for rec in records]
+    return _report(cfg, _v2(records, scores), source, "bt", skipped, truncated)
+
+
+def _score(cfg: RMEvalConfig, model, tokenizer, seqs) -> list[float]:
+    return score_tokenized(model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress, shard=True)
 
 
 def run_pm_eval(cfg: PMEvalConfig) -> dict:
     from .pm import _compare, load_preference_model
+    from .ranking import rank_with_pm
 
-    rows, skipped = read_pairs(cfg.input, cfg.split, cfg.on_bad)
+    fmt, source, split = resolve_input(cfg)
+    if fmt == "v1":
+        rows, skipped = read_pairs(source, split, cfg.on_bad)
+        model, tokenizer = load_preference_model(cfg.model.path, cfg.model.dtype)
+        items = []
+        for row in rows:
+            prompt, chosen, rejected = row.pair.conversations()
+            items.append((prompt, chosen[-1]["content"], rejected[-1]["content"]))
+        probs, _, truncated = _compare(
+            model, tokenizer, items, cfg.batch_size, cfg.max_length, cfg.progress, shard=True
+        )
+        result = summarize([r.pair.subset for r in rows], [p - 0.5 for p in probs], cfg.ties, cfg.prior_sets)
+        return _report(cfg, result, source, "pm", skipped, truncated)
+    records, skipped = read_best_of_n(source, split, cfg.on_bad)
     model, tokenizer = load_preference_model(cfg.model.path, cfg.model.dtype)
-    items = []
-    for row in rows:
-        prompt, chosen, rejected = row.pair.conversations()
-        items.append((prompt, chosen[-1]["content"], rejected[-1]["content"]))
-    probs, _, truncated = _compare(
-        model, tokenizer, items, cfg.batch_size, cfg.max_length, cfg.progress, shard=True
-    )
-    return _report(cfg, rows, _wins([p - 0.5 for p in probs]), skipped, truncated)
+    scores: list[list[float]] = [[] for _ in records]
+    ties = [i for i, r in enumerate(records) if is_ties(r.subset)]
+    rest = [i for i, r in enumerate(records) if not is_ties(r.subset)]
+    for idx, mode in ((rest, cfg.pm_mode), (ties, "round_robin")):
+        if idx:
+            ranks = rank_with_pm(model, tokenizer, [records[i].prompt for i in idx],
+                                 [records[i].responses for i in idx], mode, cfg.batch_size,
+                                 cfg.max_length, cfg.progress)
+            for i, rk in zip(idx, ranks, strict=True):
+                scores[i] = list(rk.scores)
+    return _report(cfg, _v2(records, scores), source, f"pm ({cfg.pm_mode})", skipped, None)
 
 
-def _report(cfg: _EvalConfig, rows, outcomes: list[float], skipped, truncated: int) -> dict:
-    result = summarize([r.pair.subset for r in rows], outcomes)
-    result.update(
-        model=cfg.model.path, input=cfg.input, truncated=truncated, skipped_invalid=dict(skipped)
-    )
+def _v2(records: list[BestOfN], scores: list[list[float]]) -> dict:
+    return rewardbench2_scores([Scored(r.id, r.subset, s, r.num_correct)
+                                for r, s in zip(records, scores, strict=True)])
+
+
+def _report(cfg: _EvalConfig, result: dict, source: str, judge: str, skipped: Counter,
+            truncated: int | None) -> dict:
+    result.update(model=cfg.model.path, input=source, judge=judge, truncated=truncated,
+                  skipped_invalid=dict(skipped))
     if rank_and_world()[0] != 0:  # every rank scored its share; one reports
         return result
     print(format_table(result))
-    extra = f"{truncated} pairs truncated to max_length {cfg.max_length}"
-    print(extra + (f"; skipped invalid: {_fmt_counts(skipped)}" if skipped else ""))
+    extra = ("" if truncated is None
+             else f"{truncated} {'pairs' if result['format'] == 'v1' else 'responses'} truncated to "
+                  f"max_length {cfg.max_length}")
+    extra += (f"{'; ' if extra else ''}skipped invalid: {_fmt_counts(skipped)}" if skipped else "")
+    if extra:
+        print(extra)
     if cfg.out:
         write_json(cfg.out, result)
         print(f"-> {cfg.out}")
     else:
         print(json.dumps(result))
     return result
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:>8.1f}%"
+
+
+def format_table(result: dict) -> str:
+    return _table_v2(result) if result.get("format") == "v2" else _table_v1(result)
+
+
+def _table_v1(result: dict) -> str:
+    lines = [f"{'subset':<26} {'n':>6} {'accuracy':>9} {'ties':>5}"]
+    lines += [f"{s:<26} {r['n']:>6} {_pct(r['accuracy'])} {r['ties']:>5}" for s, r in result["subsets"].items()]
+    notes = []
+    if result["kind"] == "rewardbench":
+        lines.append("")
+        for name, members in SECTIONS.items():
+            if name in result["sections"]:
+                k = sum(m in result["subsets"] for m in members)
+                lines.append(f"{name:<26} {'':>6} {_pct(result['sections'][name])}   {k} of {len(members)} subsets")
+            else:
+                lines.append(f"{name:<26} {'':>6} {'missing':>9}   no pairs of its {len(members)} subsets")
+        if PRIOR_SECTION in result["sections"]:
+            lines.append(f"{PRIOR_SECTION + ' (half weight)':<26} {'':>6} {_pct(result['sections'][PRIOR_SECTION])}")
+        n_sec = len(result["sections"]) - (PRIOR_SECTION in result["sections"])
+        how = (f"mean of the {n_sec} section{'s' * (n_sec != 1)}"
+               + (" present" if result["missing_sections"] else "")
+               + (", Prior Sets at half weight" if PRIOR_SECTION in result["sections"] else ""))
+        if result["missing_sections"]:
+            notes.append(f"missing: {', '.join(result['missing_sections'])}; the overall covers the sections "
+                         "present only, not comparable with the leaderboard's (the official scorer counts a "
+                         "missing section as 0)")
+        if result["prior_sets"] == "not counted":
+            notes.append("prior sets in the file are not counted (prior_sets=true adds them at half weight, as "
+                         "the RewardBench paper's leaderboard)")
+    else:
+        how = "all pairs"
+    if result["overall"] is not None:
+        lines.append(f"{'overall':<26} {result['n']:>6} {_pct(result['overall'])}   {how}")
+    rule = "0 (official)" if result["tie_rule"] == "zero" else "half (ties=half; the official rule counts 0)"
+    notes.append(f"ties: {result['ties']} pairs scored equal, each counted {rule}")
+    return "\n".join(lines + notes)
+
+
+def _table_v2(result: dict) -> str:
+    lines = [f"{'subset':<26} {'n':>6} {'score':>9} {'tied top':>9}"]
+    for s, r in result["subsets"].items():
+        tail = "  (Ties formula)" if is_ties(s) else ""
+        lines.append(f"{s:<26} {r['n']:>6} {_pct(r['accuracy'])} {r['tied_top']:>9}{tail}")
+    k = len(result["subsets"])
+    if result["overall"] is not None:
+        lines.append(f"{'overall':<26} {result['n']:>6} {_pct(result['overall'])}   "
+                     f"unweighted mean of the {k} subset{'s' * (k != 1)}")
+    if result["missing_subsets"]:
+        lines.append(f"missing: {', '.join(result['missing_subsets'])}; the overall is the mean of the subsets "
+                     "present, not comparable with the leaderboard's (all six)")
+    lines.append("tied top: prompts whose top score is shared; the chosen then gets 1/k of a point")
+    return "\n".join(lines)
+
