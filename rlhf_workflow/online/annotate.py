@@ -21,7 +21,7 @@ from ..config import Config, save_config
 from ..data.readers import iter_records
 from ..data.records import Rollout
 from ..distributed import barrier, setup
-from .chunks import count_records, join_parts, process_chunks
+from .chunks import count_records, join_parts, process_chunks, start_parts
 
 Scorer = Callable[[list[Rollout]], list[list[float]]]
 
@@ -100,10 +100,10 @@ def annotate_records(rollouts: list[Rollout], rewards: list[list[float]], penalt
 
 def run_annotate(cfg: AnnotateConfig, scorer: Scorer | None = None) -> Path:
     out = Path(cfg.out)
-    if out.exists():
+    rank, world, _ = setup()
+    if not start_parts(out, cfg.model_dump(mode="json"), rank):
         print(f"annotate: {out} exists already")
         return out
-    rank, world, _ = setup()
     if rank == 0:
         save_config(cfg, out.with_suffix(".config.yaml"))
     loaded = [scorer]

@@ -3,10 +3,15 @@
 Chunk i of the stream is handled by process ``i % world``; its output is written atomically
 to ``<out>.parts/chunk-i.jsonl``. A chunk whose part exists is skipped, so a crash loses at
 most one chunk per process. The main process joins the parts in order into ``out``.
+
+The parts folder carries the fingerprint of the settings that made it (``settings.json``):
+parts made under other settings are never reused, and a folder left behind by a crash after
+the join is removed.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -14,7 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..io import atomic_open, write_jsonl
+from ..distributed import barrier
+from ..io import atomic_open, write_json, write_jsonl
 
 
 def parts_dir(out: Path) -> Path:
@@ -40,12 +46,34 @@ def count_records(source: str | Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
+def start_parts(out: Path, settings: dict, rank: int) -> bool:
+    """Prepare ``out``'s parts folder for these ``settings``; False when ``out`` is done already
+    (a leftover parts folder is removed). Every rank calls it."""
+    parts = parts_dir(out)
+    if rank == 0:
+        if out.exists():
+            shutil.rmtree(parts, ignore_errors=True)
+        elif parts.exists() and _settings(parts) != settings:
+            shutil.rmtree(parts)  # made by other settings (or unfinished): start the stage over
+        if not out.exists() and not parts.exists():
+            parts.mkdir(parents=True)
+            write_json(parts / "settings.json", settings)
+    barrier()
+    return not out.exists()
+
+
+def _settings(parts: Path) -> dict | None:
+    try:
+        return json.loads((parts / "settings.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def process_chunks(records: Iterator, out: Path, chunk_size: int, rank: int, world: int,
                    fn: Callable[[int, list], list[dict]], desc: str, total: int | None = None) -> int:
     """Run ``fn(chunk_index, records)`` on this process's unfinished chunks; return the count.
     ``total`` (the number of records, when known) gives the progress bar its end."""
     parts = parts_dir(out)
-    parts.mkdir(parents=True, exist_ok=True)
     n_chunks = 0
     bar = tqdm(total=total, desc=desc, unit="prompt", disable=rank != 0, dynamic_ncols=True)
     for i, batch in enumerate(chunks(records, chunk_size)):

@@ -23,7 +23,7 @@ from ..data.readers import iter_records
 from ..data.records import Prompt
 from ..distributed import barrier, device, setup
 from ..generation.hf import Sample, SamplingConfig
-from .chunks import chunks, count_records, join_parts, process_chunks
+from .chunks import chunks, count_records, join_parts, process_chunks, start_parts
 
 Generator = Callable[[list[list[dict]], SamplingConfig], list[list[Sample]]]
 
@@ -74,10 +74,10 @@ def rollout_records(prompts: list[Prompt], samples: list[list[Sample]]) -> list[
 
 def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Path:
     out = Path(cfg.out)
-    if out.exists():
+    rank, world, _ = setup()
+    if cfg.shard is None and not start_parts(out, cfg.model_dump(mode="json", exclude={"shard"}), rank):
         print(f"generate: {out} exists already")
         return out
-    rank, world, _ = setup()
     engines = (cfg.vllm.engines or _visible_gpus()) if cfg.backend == "vllm" else 1
     if rank == 0 and cfg.shard is None:
         save_config(cfg, out.with_suffix(".config.yaml"))

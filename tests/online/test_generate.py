@@ -42,11 +42,36 @@ def test_crash_mid_stage_loses_at_most_one_chunk(tiny_model, sandbox_data, tmp_p
     with pytest.raises(KeyboardInterrupt):
         run_generate(crashing, generator=flaky)
     assert sorted(p.name for p in (tmp_path / "r.jsonl.parts").iterdir()) == [
-        "chunk-000000.jsonl", "chunk-000001.jsonl"]
+        "chunk-000000.jsonl", "chunk-000001.jsonl", "settings.json"]
     calls.clear()
     run_generate(crashing, generator=flaky)
     assert calls == [6]  # only the third chunk (prompts 14..19) was generated again
     assert (tmp_path / "r.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+def test_parts_of_other_settings_are_never_reused_and_leftovers_are_removed(tiny_model, sandbox_data, tmp_path):
+    out = tmp_path / "r.jsonl"
+    cfg = load_config(GenerateConfig, None, _args(tiny_model, sandbox_data, out))
+    real, calls = make_generator(cfg), []
+
+    def crash_on_second(prompts, sampling):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(prompts, sampling)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(cfg, generator=crash_on_second)
+    assert (tmp_path / "r.jsonl.parts" / "chunk-000000.jsonl").exists()
+    other = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"temperature": 0.5})})
+    calls.clear()
+    run_generate(other, generator=lambda p, s: calls.append(len(p)) or real(p, s))
+    assert calls == [7, 7, 6]  # the chunk sampled at temperature 1.0 was not reused
+    # killed while the parts folder was being removed after the join: the leftover goes
+    (tmp_path / "r.jsonl.parts").mkdir()
+    (tmp_path / "r.jsonl.parts" / "chunk-000000.jsonl").write_text("stale\n")
+    run_generate(other)
+    assert not (tmp_path / "r.jsonl.parts").exists()
 
 
 def test_two_processes_give_the_same_rollouts(tiny_model, sandbox_data, tmp_path):
