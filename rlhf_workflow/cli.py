@@ -54,6 +54,8 @@ COMMANDS: dict[str, Command] = {
                      "one preference pair per prompt from scored rollouts (max_min, ...)"),
     "loop": Command("online.loop:LoopConfig", "online.loop:run_loop",
                     "online iterative DPO: generate, annotate, pairs, DPO, evaluate; resumable"),
+    "check": Command("online.loop:LoopConfig", "checks:run_check",
+                     "check a loop config's policy, reference and judge (BOS, stop tokens, pad, templates, lengths)"),
     "report": Command("report:ReportConfig", "report:run_report",
                       "report.md/.html and plots of a demo or loop run directory"),
     "eval policy": Command("evaluation.policy:EvalPolicyConfig", "evaluation.policy:run_eval_policy",
