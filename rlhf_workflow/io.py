@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -31,6 +32,18 @@ def atomic_open(path: str | Path, mode: str = "w"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Remove the temporary files and folders (``.NAME.*.tmp``, ``.NAME.tmp``, ``.NAME.old``) a
+    killed process left under ``folder``; returns how many. Only for folders a run owns alone."""
+    stale = [*Path(folder).rglob(".*.tmp"), *Path(folder).rglob(".*.old")]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..faults import point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPECTED = "a Hugging Face model folder (config.json + *.safetensors weights), a .gguf file or a hub name"
@@ -112,6 +113,7 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    point("export")
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..distributed import barrier
+from ..faults import point
 from ..io import atomic_open, write_json, write_jsonl
 
 
@@ -80,7 +81,9 @@ def process_chunks(records: Iterator, out: Path, chunk_size: int, rank: int, wor
         n_chunks = i + 1
         part = parts / f"chunk-{i:06d}.jsonl"
         if i % world == rank and not part.exists():
-            write_jsonl(part, fn(i, batch))
+            records = fn(i, batch)
+            point(f"{desc}.chunk")
+            write_jsonl(part, records)
         bar.update(len(batch))
     bar.close()
     return n_chunks
@@ -95,4 +98,5 @@ def join_parts(out: Path, n_chunks: int) -> None:
         for i in range(n_chunks):
             with (parts / f"chunk-{i:06d}.jsonl").open() as src:
                 shutil.copyfileobj(src, f)
+            point("join")
     shutil.rmtree(parts)

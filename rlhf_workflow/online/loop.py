@@ -28,8 +28,10 @@ from ..config import Config, ModelConfig, TrainConfig, save_config
 from ..data.readers import iter_records
 from ..data.records import Prompt, Rollout
 from ..errors import UserError
+from ..faults import point
 from ..generation.hf import SamplingConfig
-from ..io import write_json, write_jsonl, write_text
+from ..io import remove_stale_temporaries, write_json, write_jsonl, write_text
+from ..report import ReportConfig, run_report
 from ..training.dpo import DPOConfig, DPODataConfig, run_dpo
 from .annotate import AnnotateConfig, run_annotate
 from .evaluate import evaluate_iteration
@@ -96,6 +98,7 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_config(cfg, out / "config.yaml")
+    remove_stale_temporaries(out)  # what a killed run was writing
     state = RunState(out / "state.json")
     print(f"loop: {cfg.iterations} iterations, reference = {cfg.reference} "
           f"({'pi_0 = ' + cfg.policy.path if cfg.reference == 'sft' else 'previous policy'}), "
@@ -134,7 +137,10 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
         print(_one_line(row))
     summary = {"reference": cfg.reference, "iterations": rows}
     write_json(out / "summary.json", summary)
+    point("summary")
     write_text(out / "summary.md", summary_table(rows))
+    point("report")
+    run_report(ReportConfig(run_dir=str(out)))
     print(f"loop: done; {out / 'summary.md'}")
     return summary
 
@@ -196,6 +202,7 @@ def _pairs(cfg: LoopConfig, t: int, d: Path) -> None:
     pairs, stats = build_pairs(iter_records(d / "scored.jsonl", Rollout), select)
     if not pairs:
         raise UserError(f"iteration {t}: every prompt's rewards tie; no preference pairs to train on")
+    point("pairs")
     write_jsonl(d / "pairs.jsonl", pairs)
     write_json(d / "pairs.stats.json", stats)
 
@@ -215,6 +222,7 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_iteration(policy, sft, cfg.policy, cfg.eval, cfg.annotate.annotator,
                                  seed=cfg.seed, iteration_dir=d if t > 0 else None)
+    point("eval")
     write_json(d / "metrics.json", {"iteration": t, "policy": policy, **metrics})
 
 

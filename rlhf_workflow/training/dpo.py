@@ -32,6 +32,7 @@ from ..data.readers import read_records
 from ..data.records import PreferencePair
 from ..distributed import barrier
 from ..errors import UserError
+from ..faults import point
 from ..losses import DPOLoss, dpo_loss, rpo_nll
 from ..models.loading import load_model, load_tokenizer
 from . import reference as ref_cache
@@ -200,6 +201,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out
                         f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
     logps = ref_cache.compute_reference_logps(
         model.to(device), pairs, pad_id, cfg.dpo.reference_batch_size, autocast, cfg.train.progress, shared)
+    point("reference")
     if rank == 0:
         ref_cache.save_cache(path, key, logps, source)
     barrier()

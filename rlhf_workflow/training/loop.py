@@ -42,7 +42,8 @@ from ..config import Config, OptimConfig, TrainConfig, save_config
 from ..data.batching import plan_batches
 from ..distributed import all_sum, barrier, to_device
 from ..errors import UserError
-from ..io import write_json
+from ..faults import point
+from ..io import remove_stale_temporaries, write_json
 from ..models.loading import save_model as save_hf_model
 from .engine import Engine, resolve_precision, resolve_strategy, setup_for
 
@@ -388,6 +389,7 @@ def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:
         return json.loads((out / "train_result.json").read_text())
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
         if mode == "restart":
             for name in ("checkpoints", "model", "adapter"):
                 shutil.rmtree(out / name, ignore_errors=True)
@@ -434,6 +436,7 @@ def _save_checkpoint(eng: Engine, out: Path, step: int, keep: int) -> None:
         tmp.mkdir(parents=True)
     barrier()
     eng.save_state(tmp)
+    point("checkpoint")
     barrier()
     if eng.is_main:
         write_json(tmp / "state.json", {"step": step, "format": eng.checkpoint_format,
