@@ -1,7 +1,10 @@
 """``rlhf report RUN_DIR``: tables and plots of a demo or loop run, as Markdown and HTML.
 
 Reads ``summary.json`` (written by ``rlhf demo`` or ``rlhf loop``) and writes
-``report.md``, ``report.html`` and ``plots/*.png`` into the run directory.
+``report.md``, ``report.html`` and ``plots/*.png`` into the run directory. The
+reproducibility manifests found in it (``manifest.json`` of the run and of its stages, see
+:mod:`.manifest`) are shown too; a directory with a manifest but no summary (a training
+stage's output) gets a report of its manifest alone.
 """
 
 from __future__ import annotations
@@ -23,14 +26,24 @@ class ReportConfig(Config):
 
 def run_report(cfg: ReportConfig) -> Path:
     d = Path(cfg.run_dir)
+    manifests = find_manifests(d)
     if not (d / "summary.json").exists():
-        raise UserError(f"{d}: no summary.json (is it a finished `rlhf demo` or `rlhf loop` run?)")
+        if not manifests:
+            raise UserError(f"{d}: no summary.json and no manifest.json (is it a finished `rlhf demo` or "
+                            "`rlhf loop` run, or a stage's output directory?)")
+        md = "\n".join(["# Report", "", *manifest_markdown(d, manifests)]) + "\n"
+        write_text(d / "report.md", md)
+        write_text(d / "report.html", _html(md, d.name))
+        print(f"report: {d / 'report.md'} and {d / 'report.html'} (manifest only: no summary.json)")
+        return d / "report.md"
     summary = json.loads((d / "summary.json").read_text())
     if "iterations" in summary:  # a single loop run
         its = summary["iterations"]
         summary = {"runs": {"online": its}, "policies": {"sft": its[0]}, "reward_models": {}}
     plots = make_plots(summary, d / "plots")
     md = render_markdown(summary, plots)
+    if manifests:
+        md += "\n" + "\n".join(manifest_markdown(d, manifests)) + "\n"
     write_text(d / "report.md", md)
     write_text(d / "report.html", _html(md, d.name))
     print(f"report: {d / 'report.md'} and {d / 'report.html'} ({len(plots)} plots)")
@@ -84,6 +97,101 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def find_manifests(d: Path) -> list[Path]:
+    """``manifest.json`` and ``*.manifest.json`` files under ``d`` (not in checkpoints), the
+    shallowest first."""
+    if not d.is_dir():
+        return []
+    found = [p for p in d.rglob("*manifest.json")
+             if p.name == "manifest.json" or p.name.endswith(".manifest.json")]
+    found = [p for p in found if "checkpoints" not in p.relative_to(d).parts]
+    return sorted(found, key=lambda p: (len(p.relative_to(d).parts), str(p)))
+
+
+def _short(h: str | None, n: int = 12) -> str:
+    return "-" if not h else f"`{h[:n]}`"
+
+
+def _code(m: dict) -> str:
+    g = m.get("git")
+    version = m.get("versions", {}).get("rlhf-workflow", "?")
+    if not g:
+        return f"rlhf-workflow {version}, not run from a git checkout"
+    dirty = (f" with uncommitted changes (diff sha256 {_short(g.get('diff_sha256'))}"
+             + (f", untracked: {', '.join(g['untracked'])}" if g.get("untracked") else "") + ")"
+             if g.get("dirty") else "")
+    return f"rlhf-workflow {version}, git {_short(g['commit'], 10)}{dirty}"
+
+
+def _gpus(hw: dict) -> str:
+    gpus = hw.get("gpus") or []
+    if not gpus:
+        return "none"
+    names = {}
+    for g in gpus:
+        key = f"{g['name']} ({g['memory_gib']} GiB)"
+        names[key] = names.get(key, 0) + 1
+    return ", ".join(f"{n} x {k}" for k, n in names.items()) + (f", CUDA {hw['cuda']}" if hw.get("cuda") else "")
+
+
+def manifest_markdown(d: Path, paths: list[Path]) -> list[str]:
+    """The run's manifest in full (the shallowest one), the others one row each."""
+    main = json.loads(paths[0].read_text())
+    v = main.get("versions", {})
+    hw = main.get("hardware", {})
+    out = ["## Reproducibility", "", f"From `{paths[0].relative_to(d)}`, written {main.get('created')} by "
+           f"`{main.get('command')}`:", "",
+           f"- code: {_code(main)}",
+           "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "rlhf-workflow"),
+           f"- hardware: {hw.get('cpu_count')} CPUs ({hw.get('cpus_usable', '?')} usable, "
+           f"{hw.get('torch_threads', '?')} torch threads), {hw.get('memory_gib', '?')} GiB, {hw.get('system')}; "
+           f"GPUs: {_gpus(hw)}",
+           "- seeds: " + (", ".join(f"{k}={val}" for k, val in main.get("seeds", {}).items()) or "none"),
+           f"- config sha256: {_short(main.get('config_sha256'))}"]
+    if main.get("env"):
+        out.append("- environment: " + ", ".join(f"{k}={val}" for k, val in main["env"].items()))
+    history = paths[0].parent / "manifest.history.jsonl"
+    if history.exists():
+        old = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        keys = sorted({k for m in old for k in ("versions", "git", "hardware", "models", "inputs")
+                       if m.get(k) != main.get(k)})
+        out.append(f"- earlier starts in another setting: {len(old)} (`{history.relative_to(d)}`), "
+                   f"differing in: {', '.join(keys) or '-'}")
+    if main.get("inputs"):
+        out += ["", "| input | bytes | sha256 |", "|---|---|---|"]
+        for i in main["inputs"]:
+            if "files" in i:
+                for f in i["files"]:
+                    out.append(f"| {i['path']}/{f['path']} | {f['bytes']} | {_short(f['sha256'])} |")
+            else:
+                status = "hub" if i.get("hub") else "missing" if i.get("missing") else _short(i.get("sha256"))
+                out.append(f"| {i['path']} | {i.get('bytes', '-')} | {status} |")
+    if main.get("models"):
+        out += ["", "| model | path | config.json sha256 | weights | tokenizer.json sha256 |", "|---|---|---|---|---|"]
+        for name, m in main["models"].items():
+            weights = ", ".join(f"{w} ({b / 2**20:.1f} MiB)" for w, b in m.get("weights", [])) or (
+                "hub" if m.get("hub") else "-")
+            tok = (m.get("tokenizer") or {}).get("tokenizer.json")
+            out.append(f"| {name} | {m['path']} | {_short(m.get('config_sha256'))} | {weights} | {_short(tok)} |")
+    if main.get("hub"):
+        out += ["", "| config key | hub name |", "|---|---|"] + [f"| {k} | {n} |" for k, n in main["hub"].items()]
+    if len(paths) > 1:
+        out += ["", "### Stages", "", "| manifest | written | git | torch | transformers | GPUs | config sha256 "
+                "| differs from the run's |", "|---|---|---|---|---|---|---|---|"]
+        for p in paths[1:]:
+            m = json.loads(p.read_text())
+            g = m.get("git") or {}
+            differs = [k for k in ("versions", "git", "hardware") if m.get(k) != main.get(k)]
+            out.append(f"| {p.relative_to(d)} | {m.get('created')} | {_short(g.get('commit'), 10)}"
+                       f"{' (dirty)' if g.get('dirty') else ''} | {m.get('versions', {}).get('torch')} | "
+                       f"{m.get('versions', {}).get('transformers')} | {_gpus(m.get('hardware', {}))} | "
+                       f"{_short(m.get('config_sha256'))} | {', '.join(differs) or '-'} |")
+    return out
 
 
 def _html(md: str, title: str) -> str:
