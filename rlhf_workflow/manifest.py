@@ -282,9 +282,14 @@ def _as_dict(cfg: Any) -> Any:
     return cfg
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".yaml", ".txt", ".gguf", ".safetensors")
+
+
 def _looks_like_hub_name(s: str) -> bool:
+    """``org/name``, and not a (missing) file such as ``runs/pairs.jsonl``."""
     parts = s.split("/")
     return (len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+            and not s.lower().endswith(FILE_SUFFIXES)
             and all(c.isalnum() or c in "-_." for c in s.replace("/", "")))
 
 

@@ -127,6 +127,7 @@ def test_discovery_in_a_loop_config(tiny_model, trained_rm, tmp_path):
     assert inputs == [str(prompts)]
     assert models == {"policy": (str(tiny_model), None), "annotate.annotator.path": (str(trained_rm), None)}
     assert hub == {"eval.prompts": "org/held-out-prompts"}  # "(set by the loop)" paths are skipped
+    assert discover(DPOConfig())[2] == {}  # data.train="runs/pairs.jsonl", absent: a file, not a hub name
 
 
 def test_history_keeps_a_manifest_of_another_setting(tmp_path, monkeypatch):
