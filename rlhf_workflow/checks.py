@@ -84,14 +84,15 @@ def load_parts(spec: ModelConfig) -> Loaded:
 # --------------------------------------------------------------------------- template checks
 
 
-def check_template(who: str, tokenizer, last_turn_only: bool = True) -> list[Finding]:
-    """BOS handling, default system prompt, date, prefix stability of a chat template."""
+def check_template(who: str, tokenizer, earlier_turns: bool = True) -> list[Finding]:
+    """BOS handling, default system prompt, date, prefix stability of a chat template
+    (``earlier_turns``: also of turns before the last, which SFT on multi-turn data needs)."""
     if not getattr(tokenizer, "chat_template", None):
         return [Finding(who, "error", f"tokenizer {tokenizer.name_or_path!r} has no chat template",
                         "use a tokenizer with one (model.tokenizer=...)")]
     try:
         out = check_bos(who, tokenizer) + check_system_prompt(who, tokenizer)
-        return out + check_prefix_stable(who, tokenizer)
+        return out + check_prefix_stable(who, tokenizer, earlier_turns)
     except Exception as e:  # a template that raises on a plain conversation
         return [Finding(who, "error", f"the chat template fails on a plain user/assistant conversation "
                         f"({type(e).__name__}: {e})", "fix or replace the template")]
@@ -148,7 +149,7 @@ def check_system_prompt(who: str, tokenizer) -> list[Finding]:
                           "system turn of your own to replace it")]
 
 
-def check_prefix_stable(who: str, tokenizer) -> list[Finding]:
+def check_prefix_stable(who: str, tokenizer, earlier_turns: bool = True) -> list[Finding]:
     """The rendered prompt (with the generation prompt) must be the start of the rendered
     prompt + response, as text and as tokens; earlier turns must not be re-rendered."""
     msgs = [{"role": "user", "content": USER}, {"role": "assistant", "content": REPLY},
@@ -159,7 +160,7 @@ def check_prefix_stable(who: str, tokenizer) -> list[Finding]:
                         "generation prompt is not the start of the prompt + response, so the response's "
                         "tokens cannot be located", "use a template that renders a turn the same whatever follows")]
     out = []
-    if not (render(tokenizer, msgs[:2]).startswith(render(tokenizer, msgs[:1], True))
+    if earlier_turns and not (render(tokenizer, msgs[:2]).startswith(render(tokenizer, msgs[:1], True))
             and full.startswith(render(tokenizer, msgs[:2]))):
         out.append(Finding(who, "warning", "the chat template re-renders earlier turns: multi-turn SFT data "
                            "cannot locate earlier assistant turns (the loop trains on the last turn only)",
@@ -316,9 +317,9 @@ def check_loop(cfg: LoopConfig) -> list[Finding]:
     if judge_cfg.kind == "bt":
         out += check_pad("judge", judge)
         if getattr(tok, "chat_template", None):  # encoders read text pairs
-            out += check_template("judge", tok)
+            out += check_template("judge", tok, earlier_turns=False)
     else:
-        out += check_template("judge", tok) + check_labels("judge", tok)
+        out += check_template("judge", tok, earlier_turns=False) + check_labels("judge", tok)
     out += check_lengths("judge", judge.config, {"annotate.annotator.max_length": judge_cfg.max_length})
     if policy is not None:
         out += check_same_tokenizer(policy.tokenizer, tok)

@@ -154,6 +154,7 @@ def test_templates_that_are_not_prefix_stable(toks):
                               "else message['content'])")
     [f] = check_prefix_stable("policy", variant(toks["chatml"], rewrites))
     assert f.level == "warning" and "re-renders earlier turns" in f.problem
+    assert check_prefix_stable("judge", variant(toks["chatml"], rewrites), earlier_turns=False) == []
     assert check_prefix_stable("policy", toks["chatml"]) == []
 
 
