@@ -1,20 +1,26 @@
 """Read records from JSON Lines, parquet, or a Hugging Face hub dataset, validating each one.
 
-A bad line is a :class:`UserError` naming the file, the line and the field; nothing is
-silently skipped. Files are streamed, so a pool of a million prompts is never held twice.
+A bad line is a :class:`UserError` naming the file, the line and the field, or where the
+stage allows it (``on_bad=skip``) a skip counted by reason and reported; nothing is dropped
+silently. The rules live on the record types (:mod:`.records`), so every stage applies the same
+ones with the same message. Files are streamed, so a pool of a million prompts is never held
+twice; a UTF-8 byte-order mark is tolerated.
 """
 
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
 
 from ..errors import UserError
-from .records import Record
+from .records import PreferencePair, Record
 
 R = TypeVar("R", bound=Record)
 
@@ -36,28 +42,100 @@ def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, o
         yield f"{where} {n}", row
 
 
-def iter_records(source: str | Path, kind: type[R], split: str = "train") -> Iterator[R]:
-    """Yield validated ``kind`` records; a bad row is a UserError naming file, line and field."""
+def iter_records(source: str | Path, kind: type[R], split: str = "train",
+                 skipped: Counter | None = None) -> Iterator[R]:
+    """Yield validated ``kind`` records. A bad row is a UserError naming the file, the line and
+    the field, or, when a ``skipped`` counter is given, skipped and counted by reason."""
+    for _, record, _ in validated_rows(source, kind, split, skipped):
+        yield record
+
+
+def validated_rows(source: str | Path, kind: type[R], split: str = "train",
+                   skipped: Counter | None = None) -> Iterator[tuple[str, R, dict]]:
+    """(location, validated record, raw row) for every valid row (see :func:`iter_records`)."""
     for at, row in iter_rows(source, split):
         if not isinstance(row, dict):
-            raise UserError(f"{at}: expected a JSON object, got {type(row).__name__}")
-        try:
-            yield kind.model_validate(row)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(record)"
-            raise UserError(f"{at}: field {field!r}: {err['msg']}") from None
+            problem = f"expected a JSON object, got {type(row).__name__}"
+        else:
+            try:
+                yield at, kind.model_validate(row), row
+                continue
+            except ValidationError as e:
+                problem = describe(e)
+        if skipped is None:
+            raise UserError(f"{at}: {problem}")
+        skipped[problem.split(":")[0] + ": " + problem.split(": ")[-1]] += 1
 
 
-def read_records(source: str | Path, kind: type[R], split: str = "train") -> list[R]:
-    records = list(iter_records(source, kind, split))
+def describe(err: ValidationError) -> str:
+    """``field 'chosen': must end with ...`` for the first error of a record."""
+    e = err.errors()[0]
+    msg = e["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("str", "list["))) or ""
+    if not field and ": " in msg:  # a record-level rule names its field first
+        field, msg = msg.split(": ", 1)
+    return f"field {field or '(record)'!r}: {msg}"
+
+
+def read_records(source: str | Path, kind: type[R], split: str = "train",
+                 on_bad: str = "error") -> list[R]:
+    """All valid records; bad ones fail (``on_bad="error"``) or are skipped with a printed count."""
+    skipped = Counter() if on_bad == "skip" else None
+    records = list(iter_records(source, kind, split, skipped))
+    if skipped:
+        print(f"{source}: skipped {fmt_counts(skipped)}")
     if not records:
-        raise UserError(f"{source}: no records")
+        raise UserError(f"{source}: no records" + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
     return records
 
 
+def fmt_counts(c: Counter) -> str:
+    return ", ".join(f"{n} x {why}" for why, n in c.most_common())
+
+
+@dataclass(frozen=True)
+class PairRow:
+    where: str  # "file, line n" for messages
+    pair: PreferencePair
+    margin: float = 0.0
+
+
+def read_pairs(source: str, split: str = "train", on_bad: str = "error",
+               margin_field: str | None = None) -> tuple[list[PairRow], Counter]:
+    """Validated preference pairs (with their location and, from ``margin_field``, a margin) and
+    the count of skipped pairs per reason."""
+    skipped: Counter = Counter()
+    out = []
+    for at, pair, row in validated_rows(source, PreferencePair, split, skipped if on_bad == "skip" else None):
+        margin = 0.0
+        if margin_field is not None:
+            value = row.get(margin_field, (row.get("meta") or {}).get(margin_field))
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problem = f"field {margin_field!r}: the margin must be a number, got {value!r}"
+                if on_bad != "skip":
+                    raise UserError(f"{at}: {problem}")
+                skipped[problem] += 1
+                continue
+            margin = float(value)
+        out.append(PairRow(at, pair, margin))
+    if not out:
+        raise UserError(f"{source}: no valid preference pairs" + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
+    return out, skipped
+
+
+def split_held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded random ``fraction`` of ``rows`` held out (at least one)."""
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(f"{seed}/held-out").shuffle(order)
+    k = max(1, round(fraction * len(rows)))
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -40,6 +40,8 @@ class SFTExample(Record):
     def _has_assistant(cls, v: Conversation) -> Conversation:
         if not any(m.role == "assistant" for m in v):
             raise ValueError("needs at least one assistant message to train on")
+        if any(m.role == "assistant" and not m.content.strip() for m in v):
+            raise ValueError("an assistant message is empty or only whitespace")
         return v
 
 
@@ -48,15 +50,16 @@ class Prompt(Record):
     id: str | None = None
     meta: dict[str, Any] | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, v: str | Conversation) -> str | Conversation:
-        if not v:
-            raise ValueError("must not be empty")
-        return v
+    _non_empty = field_validator("prompt")(classmethod(lambda cls, v: _not_blank(v)))
 
     def messages(self) -> list[dict[str, str]]:
         return as_messages(self.prompt, "user")
+
+
+def _not_blank(v: str | Conversation) -> str | Conversation:
+    if not (v.strip() if isinstance(v, str) else any(m.content.strip() for m in v)):
+        raise ValueError("must not be empty or only whitespace")
+    return v
 
 
 class PreferencePair(Record):
@@ -66,6 +69,19 @@ class PreferencePair(Record):
     subset: str | None = None
     id: str | None = None
     meta: dict[str, Any] | None = None
+
+    _non_empty = field_validator("prompt", "chosen", "rejected")(classmethod(lambda cls, v: _not_blank(v)))
+
+    @model_validator(mode="after")
+    def _a_preference(self) -> PreferencePair:
+        """Each response ends with a non-blank assistant turn, and the two differ."""
+        prompt, chosen, rejected = self.conversations()
+        for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if not msgs or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+                raise ValueError(f"{name}: must end with a non-empty assistant message")
+        if chosen == rejected:
+            raise ValueError("chosen: equal to rejected (the pair carries no preference)")
+        return self
 
     def conversations(self) -> tuple[list[dict], list[dict], list[dict]]:
         """(prompt messages, chosen assistant turn(s), rejected assistant turn(s))."""

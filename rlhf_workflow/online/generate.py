@@ -11,6 +11,7 @@ the number of processes.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -19,9 +20,10 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Config, ModelConfig, save_config
-from ..data.readers import iter_records
+from ..data.readers import fmt_counts, iter_records
 from ..data.records import Prompt
 from ..distributed import barrier, device, setup
+from ..errors import UserError
 from ..generation.hf import Sample, SamplingConfig
 from .chunks import chunks, count_records, join_parts, process_chunks, start_parts
 
@@ -44,6 +46,8 @@ class GenerateConfig(Config):
     sampling: SamplingConfig = SamplingConfig(n=8, temperature=1.0, max_new_tokens=2048)
     chunk_size: int = Field(256, ge=1, description="prompts per checkpointed chunk")
     limit: int = Field(0, ge=0, description="only the first N prompts (0 = all)")
+    on_bad: Literal["error", "skip"] = Field(
+        "error", description="invalid record (missing, empty or whitespace-only prompt): fail, or skip and count")
     vllm: VLLMConfig = VLLMConfig()
     shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="k/N: only chunks i with i % N == k (set for engine workers)")
 
@@ -81,30 +85,34 @@ def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Pat
     engines = (cfg.vllm.engines or _visible_gpus()) if cfg.backend == "vllm" else 1
     if rank == 0 and cfg.shard is None:
         save_config(cfg, out.with_suffix(".config.yaml"))
+    skipped: Counter = Counter()
     if cfg.shard is None and engines > 1:
         _run_engines(cfg, engines, out.with_suffix(".config.yaml"))
-        n_chunks, world = sum(1 for _ in chunks(_prompts(cfg), cfg.chunk_size)), engines
+        n_chunks, world = sum(1 for _ in chunks(_prompts(cfg, skipped), cfg.chunk_size)), engines
     else:
         if cfg.shard:
             rank, world = map(int, cfg.shard.split("/"))
-        n_chunks = _generate_chunks(cfg, out, rank, world, generator)
+        n_chunks = _generate_chunks(cfg, out, rank, world, generator, skipped)
         barrier()
         if cfg.shard:
             return out  # an engine worker: the launcher joins the parts
+    if n_chunks == 0:
+        raise UserError(f"{cfg.input}: no prompts to generate from"
+                        + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
     if rank == 0:
         join_parts(out, n_chunks)
         print(f"generate: {n_chunks} chunk(s) on {world} process(es), {cfg.sampling.n} responses per "
-              f"prompt -> {out}")
+              f"prompt -> {out}" + (f"; skipped {fmt_counts(skipped)}" if skipped else ""))
     barrier()
     return out
 
 
-def _prompts(cfg: GenerateConfig) -> Iterator[Prompt]:
-    records = iter_records(cfg.input, Prompt)
+def _prompts(cfg: GenerateConfig, skipped: Counter | None = None) -> Iterator[Prompt]:
+    records = iter_records(cfg.input, Prompt, skipped=skipped if cfg.on_bad == "skip" else None)
     return islice(records, cfg.limit) if cfg.limit else records
 
 
-def _generate_chunks(cfg, out: Path, rank: int, world: int, generator) -> int:
+def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, skipped: Counter) -> int:
     loaded = [generator]
 
     def fn(i: int, batch: list[Prompt]) -> list[dict]:
@@ -113,7 +121,8 @@ def _generate_chunks(cfg, out: Path, rank: int, world: int, generator) -> int:
         sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + i})
         return rollout_records(batch, loaded[0]([p.messages() for p in batch], sampling))
 
-    return process_chunks(_prompts(cfg), out, cfg.chunk_size, rank, world, fn, "generate", _n_prompts(cfg))
+    return process_chunks(_prompts(cfg, skipped), out, cfg.chunk_size, rank, world, fn, "generate",
+                          _n_prompts(cfg))
 
 
 def _n_prompts(cfg: GenerateConfig) -> int | None:

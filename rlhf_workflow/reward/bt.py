@@ -25,10 +25,7 @@ defaults: global batch 512, lr 2e-6, 1 epoch, cosine, warmup 0.03).
 
 from __future__ import annotations
 
-import random
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +38,8 @@ from ..data import readers
 from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, Tokenized
 from ..data.pairs import TokenizedPair, collate_pairs, tokenize_pair, tokenize_response
+from ..data.readers import PairRow, describe, read_pairs, split_held_out
+from ..data.readers import fmt_counts as _fmt_counts
 from ..data.records import PreferencePair, Prompt
 from ..distributed import device as distributed_device
 from ..distributed import rank_and_world, run_batched, to_device
@@ -126,86 +125,6 @@ class RMScoreConfig(Config):
         True, description="batch sequences of similar length (the output keeps the input order)"
     )
     progress: bool = Field(True, description="show a progress bar")
-
-
-# --------------------------------------------------------------------------- reading pairs
-
-
-@dataclass(frozen=True)
-class PairRow:
-    where: str  # "file, line n" for messages
-    pair: PreferencePair
-    margin: float = 0.0
-
-
-def read_pairs(
-    source: str, split: str = "train", on_bad: str = "error", margin_field: str | None = None
-) -> tuple[list[PairRow], Counter]:
-    """Validated pairs of a file or hub dataset, and the count of skipped pairs per reason.
-
-    Invalid pairs raise a :class:`UserError` naming the file and line (``on_bad="error"``) or
-    are skipped and counted (``on_bad="skip"``)."""
-    out: list[PairRow] = []
-    skipped: Counter = Counter()
-    for at, row in readers.iter_rows(source, split):
-        try:
-            pair, margin = _parse_pair(row, margin_field)
-        except ValueError as e:
-            if on_bad == "error":
-                raise UserError(f"{at}: {e} (set data.on_bad=skip to skip such pairs)") from None
-            skipped[str(e).split(":")[0]] += 1
-            continue
-        out.append(PairRow(at, pair, margin))
-    if not out:
-        raise UserError(
-            f"{source}: no valid preference pairs"
-            + (f" ({_fmt_counts(skipped)} skipped)" if skipped else "")
-        )
-    return out, skipped
-
-
-def _parse_pair(row: Any, margin_field: str | None) -> tuple[PreferencePair, float]:
-    if not isinstance(row, dict):
-        raise ValueError(f"not a JSON object: got {type(row).__name__}")
-    try:
-        pair = PreferencePair.model_validate(row)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"][:1]) or "(record)"
-        kind = "missing field" if err["type"] == "missing" else "bad field"
-        raise ValueError(f"{kind}: {field!r}: {err['msg']}") from None
-    prompt, chosen, rejected = pair.conversations()
-    if not any(m["content"].strip() for m in prompt):
-        raise ValueError("empty prompt")
-    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise ValueError(f"bad {name}: must end with an assistant message")
-        if not msgs[-1]["content"].strip():
-            raise ValueError(f"empty {name}")
-    if chosen == rejected:
-        raise ValueError("chosen == rejected: the pair carries no preference")
-    margin = 0.0
-    if margin_field is not None:
-        value = row.get(margin_field, (row.get("meta") or {}).get(margin_field))
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"bad margin: field {margin_field!r} must be a number, got {value!r}")
-        margin = float(value)
-    return pair, margin
-
-
-def split_held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out): a seeded random ``fraction`` of ``rows`` held out (at least one)."""
-    if fraction <= 0:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(f"{seed}/held-out").shuffle(order)
-    k = max(1, round(fraction * len(rows)))
-    held = set(order[:k])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
-
-
-def _fmt_counts(c: Counter) -> str:
-    return ", ".join(f"{n} {why}" for why, n in c.most_common())
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -614,9 +533,9 @@ def read_scoring_records(path: str) -> list[tuple[dict, list[dict], list[list[di
             out.append((row, prompt, [[{"role": "assistant", "content": x}] for x in resp]))
         elif "chosen" in row or "rejected" in row:
             try:
-                pair, _ = _parse_pair(row, None)
-            except ValueError as e:
-                raise UserError(f"{at}: {e}") from None
+                pair = PreferencePair.model_validate(row)
+            except ValidationError as e:
+                raise UserError(f"{at}: {describe(e)}") from None
             prompt, chosen, rejected = pair.conversations()
             out.append((row, prompt, [chosen, rejected]))
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -51,6 +52,9 @@ class DPODataConfig(Config):
         True, description="one row per pair: the prompt once, then chosen and rejected behind a mask "
         "(not with flash attention)"
     )
+    on_bad: Literal["error", "skip"] = Field(
+        "error", description="invalid record (missing, empty or whitespace-only fields, chosen == rejected, "
+        "non-string content): fail, or skip and count")
 
 
 class DPOLossConfig(Config):
@@ -134,7 +138,7 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
         return out / "model"
     kind = cfg.dpo.loss
     tokenizer = load_tokenizer(cfg.model)
-    records = read_records(cfg.data.train, PreferencePair, cfg.data.split)
+    records = read_records(cfg.data.train, PreferencePair, cfg.data.split, cfg.data.on_bad)
     pairs = [tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length, keep="start")
              for r in records]
     shared = cfg.data.share_prompt and not (cfg.model.attn_implementation or "").startswith("flash")

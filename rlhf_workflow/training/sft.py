@@ -29,6 +29,9 @@ class SFTDataConfig(Config):
     max_length: int = Field(8192, ge=8, description="tokens per packed row (or per sequence)")
     packing: bool = Field(True, description="pack several conversations into one row")
     train_on: Literal["all", "last"] = Field("all", description="assistant turns that carry loss")
+    on_bad: Literal["error", "skip"] = Field(
+        "error", description="invalid record (missing, empty or whitespace-only fields, chosen == rejected, "
+        "non-string content): fail, or skip and count")
 
 
 class SFTConfig(Config):
@@ -68,7 +71,7 @@ def run_sft(cfg: SFTConfig, on_step=None) -> Path:
     if start_run(cfg, cfg.train) is not None:
         return out / "model"
     tokenizer = load_tokenizer(cfg.model)
-    examples = read_records(cfg.data.train, SFTExample, cfg.data.split)
+    examples = read_records(cfg.data.train, SFTExample, cfg.data.split, cfg.data.on_bad)
     seqs, dropped = tokenize_sft(tokenizer, examples, cfg.data.max_length, cfg.data.train_on)
     if not seqs:
         raise UserError(f"{cfg.data.train}: no example keeps an assistant token within max_length")

@@ -52,7 +52,7 @@ def test_bad_lines_name_file_line_and_field(tmp_path, row, message):
 
 def test_sft_needs_an_assistant_turn(tmp_path):
     f = _write(tmp_path / "s.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(UserError, match="line 1: field 'messages': Value error, needs at least one assistant"):
+    with pytest.raises(UserError, match="line 1: field 'messages': needs at least one assistant"):
         read_records(f, SFTExample)
 
 
