@@ -21,17 +21,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Config, ModelConfig
 from ..data import readers
-from ..data.records import Prompt
+from ..data.readers import fmt_counts, read_pairs, validated_rows
+from ..data.records import Conversation, Record, as_messages
 from ..distributed import rank_and_world
 from ..errors import UserError
 from ..io import write_json
-from .bt import _fmt_counts, _load_for_scoring, encode, encode_pair, read_pairs, score_tokenized
+from .bt import _load_for_scoring, encode, encode_pair, score_tokenized
 from .rewardbench import (
     PRIOR_SECTION,
     SECTIONS,
@@ -93,9 +94,42 @@ class PMEvalConfig(_EvalConfig):
 # --------------------------------------------------------------------------- reading
 
 
+class BestOfNRecord(Record):
+    """A v2 record: a prompt, its correct responses (``chosen``) and the others."""
+
+    prompt: str | Conversation
+    chosen: list[str] = Field(min_length=1)
+    rejected: list[str] = Field(min_length=1)
+    num_correct: int | None = None
+    subset: str | None = None
+    id: str | int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str | Conversation) -> str | Conversation:
+        if not (v.strip() if isinstance(v, str) else any(m.content.strip() for m in v)):
+            raise ValueError("must not be empty or only whitespace")
+        return v
+
+    @field_validator("chosen", "rejected")
+    @classmethod
+    def _responses_not_blank(cls, v: list[str]) -> list[str]:
+        if not all(x.strip() for x in v):
+            raise ValueError("a response is empty or only whitespace")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BestOfNRecord:
+        if self.num_correct is not None and self.num_correct != len(self.chosen):
+            raise ValueError(f"num_correct: {self.num_correct}, but chosen holds {len(self.chosen)} responses")
+        if is_ties(self.subset) and ties_key(str(self.id)) is None:
+            raise ValueError(f"id: a Ties record's id is 'ref:N' or 'tied:N', got {self.id!r}")
+        return self
+
+
 @dataclass(frozen=True)
 class BestOfN:
-    """A v2 record: the prompt and its responses, the ``num_correct`` correct ones first."""
+    """A v2 record as scored: the prompt and its responses, the ``num_correct`` correct ones first."""
 
     where: str
     id: str
@@ -134,47 +168,15 @@ def detect_format(source: str, split: str) -> str:
 
 def read_best_of_n(source: str, split: str = "test", on_bad: str = "error") -> tuple[list[BestOfN], Counter]:
     """Validated v2 records and the count of skipped ones per reason (as ``read_pairs``)."""
-    out: list[BestOfN] = []
     skipped: Counter = Counter()
-    for n, (at, row) in enumerate(readers.iter_rows(source, split)):
-        try:
-            out.append(_parse_best_of_n(at, row, n))
-        except ValueError as e:
-            if on_bad == "error":
-                raise UserError(f"{at}: {e} (set on_bad=skip to skip such records)") from None
-            skipped[str(e).split(":")[0]] += 1
+    out = [BestOfN(at, str(r.id) if r.id is not None else str(n), r.subset, as_messages(r.prompt, "user"),
+                   r.chosen + r.rejected, len(r.chosen))
+           for n, (at, r, _) in enumerate(validated_rows(source, BestOfNRecord, split,
+                                                         skipped if on_bad == "skip" else None))]
     if not out:
         raise UserError(f"{source}: no valid best-of-n records"
-                        + (f" ({_fmt_counts(skipped)} skipped)" if skipped else ""))
+                        + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
     return out, skipped
-
-
-def _parse_best_of_n(at: str, row: Any, index: int) -> BestOfN:
-    if not isinstance(row, dict):
-        raise ValueError(f"not a JSON object: got {type(row).__name__}")
-    try:
-        prompt = Prompt.model_validate(row).messages()
-    except ValidationError as e:
-        raise ValueError(f"bad field: 'prompt': {e.errors()[0]['msg']}") from None
-    lists = {}
-    for name in ("chosen", "rejected"):
-        value = row.get(name)
-        if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
-            raise ValueError(f"bad field: {name!r}: must be a non-empty list of strings")
-        if not all(x.strip() for x in value):
-            raise ValueError(f"empty {name}: a response is empty")
-        lists[name] = value
-    num_correct = row.get("num_correct", len(lists["chosen"]))
-    if num_correct != len(lists["chosen"]):
-        raise ValueError(f"bad field: 'num_correct': {num_correct!r}, but 'chosen' holds "
-                         f"{len(lists['chosen'])} responses")
-    subset = row.get("subset")
-    if subset is not None and not isinstance(subset, str):
-        raise ValueError(f"bad field: 'subset': must be a string, got {subset!r}")
-    id_ = str(row.get("id", index))
-    if is_ties(subset) and ties_key(id_) is None:
-        raise ValueError(f"bad field: 'id': a Ties record's id is 'ref:N' or 'tied:N', got {id_!r}")
-    return BestOfN(at, id_, subset, prompt, lists["chosen"] + lists["rejected"], num_correct)
 
 
 # --------------------------------------------------------------------------- commands
@@ -256,7 +258,7 @@ def _report(cfg: _EvalConfig, result: dict, source: str, judge: str, skipped: Co
     extra = ("" if truncated is None
              else f"{truncated} {'pairs' if result['format'] == 'v1' else 'responses'} truncated to "
                   f"max_length {cfg.max_length}")
-    extra += (f"{'; ' if extra else ''}skipped invalid: {_fmt_counts(skipped)}" if skipped else "")
+    extra += (f"{'; ' if extra else ''}skipped invalid: {fmt_counts(skipped)}" if skipped else "")
     if extra:
         print(extra)
     if cfg.out:
