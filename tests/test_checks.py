@@ -184,7 +184,7 @@ def _loop_yaml(path, policy, judge, kind="bt", **extra):
             "prompts": {"source": "prompts.jsonl"},
             "generate": {"sampling": {"max_new_tokens": 32}},
             "annotate": {"annotator": {"kind": kind, "path": str(judge), "max_length": 256}},
-            "dpo": {"data": {"max_length": 256}}, **extra}
+            "dpo": {"data": {"max_length": 256, "max_prompt_length": 128}}, **extra}
     path.write_text(yaml.safe_dump(data))
     return path
 
