@@ -80,6 +80,24 @@ class TrainConfig(Config):
     progress: bool = Field(True, description="show a progress bar")
 
 
+class PairLimits(Config):
+    """Lengths of preference-pair data (DPO, reward and preference models), checked together."""
+
+    max_length: int = Field(2048, ge=16, description="tokens of prompt + response, per sequence")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompt tokens kept at most, cut from the left (further when a response needs "
+        "the room: responses are never cut)")
+    on_long: Literal["skip", "error"] = Field(
+        "skip", description="pair whose response cannot fit in max_length: skip and count, or fail")
+
+    @model_validator(mode="after")
+    def _room_for_a_response(self) -> PairLimits:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                             f"({self.max_length}): the response needs room")
+        return self
+
+
 class ModelConfig(Config):
     """A model to load: a Hugging Face folder or hub name, or a GGUF file (dequantized on load).
 
@@ -195,7 +213,7 @@ def _describe(cls: type[Config], err: ValidationError) -> str:
         valid = ", ".join(model.model_fields) if _is_config(model) else "?"
         return f"unknown config key {loc!r}; valid keys here: {valid}"
     got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-    return f"config key {loc!r}: {e['msg']}{got}"
+    return f"config key {loc!r}: {e['msg'].removeprefix('Value error, ')}{got}"
 
 
 # --------------------------------------------------------------------------- saving / help

@@ -1,12 +1,15 @@
 """Tokenized preference pairs: prompt + response with truncation rules, and their batches.
 
 A response is tokenized as the last assistant turn of ``prompt + response`` (its loss mask
-marks the response tokens, end-of-turn included). When the whole is too long, the prompt is
-cut from the left first (down to ``max_prompt_length`` or what is needed); only if the
-response alone still does not fit is the response cut: from the right for a policy
-(``keep="start"``, DPO) or from the left for a reward model (``keep="end"``: the score head
-reads the last token, so the end of the answer must stay visible). A response is never cut
-away entirely.
+marks the response tokens, end-of-turn included). For training, truncation never destroys
+the signal: a response is never cut. The prompt is cut from the left, to ``max_prompt_length``
+tokens at most and further if a response needs the room, by the same amount for both
+responses of a pair (so they keep sharing it); a pair whose longer response does not fit in
+``max_length`` with at least one prompt token is reported as too long (``None``), for the
+stage to count and skip or refuse. Scoring a single response (:func:`tokenize_response`)
+cuts the response's start as a last resort (``keep="end"``: a reward head reads the end).
+Texts are cut by characters before tokenizing (a pathological record of megabytes costs
+no more than a long one).
 
 Two batch layouts: 2N rows (the N chosen sequences, then the N rejected ones), or the
 *shared-prompt* layout: one row per pair holding the prompt once, then the chosen response,
@@ -57,10 +60,15 @@ def _response_start(tok: Tokenized) -> int:
     return tok.loss_mask.index(True) if True in tok.loss_mask else len(tok.input_ids)
 
 
+CHARS_PER_TOKEN = 64  # no tokenizer's token is longer: texts are cut to max_length x this first
+
+
 def tokenize_response(tokenizer, prompt: list[dict], response: list[dict], max_length: int,
-                      max_prompt_length: int | None = None, keep: str = "start") -> tuple[Tokenized, bool]:
-    """(tokenized prompt + response with the response masked, whether it was truncated)."""
-    tok = tokenize_conversation(tokenizer, prompt + response, train_on="last")
+                      max_prompt_length: int | None = None, keep: str = "end") -> tuple[Tokenized, bool]:
+    """(tokenized prompt + response with the response masked, whether it was truncated), for
+    scoring: the prompt is cut first; if the response alone is still too long, its start
+    (``keep="end"``) or its end (``keep="start"``) is cut too."""
+    tok = tokenize_conversation(tokenizer, _cut_chars(prompt + response, max_length), train_on="last")
     ids, mask = tok.input_ids, tok.loss_mask
     if len(ids) <= max_length:
         return tok, False
@@ -79,11 +87,32 @@ def tokenize_response(tokenizer, prompt: list[dict], response: list[dict], max_l
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int,
-                  max_prompt_length: int | None = None, keep: str = "start") -> TokenizedPair:
+                  max_prompt_length: int | None = None) -> TokenizedPair | None:
+    """Both responses whole, the prompt cut from the left by the same amount (see the module
+    docstring); None when the longer response cannot fit."""
     prompt, chosen, rejected = pair.conversations()
-    c, tc = tokenize_response(tokenizer, prompt, chosen, max_length, max_prompt_length, keep)
-    r, tr = tokenize_response(tokenizer, prompt, rejected, max_length, max_prompt_length, keep)
-    return TokenizedPair(c, r, tc or tr)
+    if any(len(m["content"]) > max_length * CHARS_PER_TOKEN for m in chosen + rejected):
+        return None
+    prompt = _cut_chars(prompt, max_length)
+    c, r = (tokenize_conversation(tokenizer, prompt + resp, train_on="last") for resp in (chosen, rejected))
+    starts = [t.loss_mask.index(True) for t in (c, r)]
+    longest = max(len(t.input_ids) - s for t, s in zip((c, r), starts, strict=True))
+    keep = min(*starts, max_length - longest, max_prompt_length or max(starts))
+    if keep < 1:
+        return None
+    c, r = (_cut_prompt(t, s, keep) for t, s in zip((c, r), starts, strict=True))
+    return TokenizedPair(c, r, keep < max(starts))
+
+
+def _cut_prompt(tok: Tokenized, start: int, keep: int) -> Tokenized:
+    """Keep the last ``keep`` of the ``start`` prompt tokens."""
+    return Tokenized(tok.input_ids[start - keep :], tok.loss_mask[start - keep :])
+
+
+def _cut_chars(messages: list[dict], max_length: int) -> list[dict]:
+    """Messages whose texts keep at most their last ``max_length x CHARS_PER_TOKEN`` characters."""
+    limit = max_length * CHARS_PER_TOKEN
+    return [m if len(m["content"]) <= limit else {**m, "content": m["content"][-limit:]} for m in messages]
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int, shared: bool = False) -> dict:

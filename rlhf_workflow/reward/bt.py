@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
 
-from ..config import Config, ModelConfig, OptimConfig, TrainConfig
+from ..config import Config, ModelConfig, OptimConfig, PairLimits, TrainConfig
 from ..data import readers
 from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, Tokenized
@@ -55,7 +55,7 @@ PAD_TOKEN = "<|pad|>"
 # --------------------------------------------------------------------------- configs
 
 
-class PairDataConfig(Config):
+class PairDataConfig(PairLimits):
     train: str = Field(
         "hendrydong/preference_700K",
         description="preference pairs: .jsonl/.parquet file or hub dataset",
@@ -67,20 +67,10 @@ class PairDataConfig(Config):
     eval_fraction: float = Field(
         0.01, ge=0, lt=1, description="share of train held out when test is unset"
     )
-    max_length: int = Field(2048, ge=16, description="tokens per sequence (prompt + response)")
-    max_prompt_length: int | None = Field(
-        None,
-        ge=1,
-        description="prompt tokens kept when a sequence is too long (default max_length // 2)",
-    )
     on_bad: Literal["error", "skip"] = Field(
         "error",
         description="invalid pair (missing/non-string field, empty or identical responses): "
         "fail, or skip and count",
-    )
-    on_long: Literal["truncate", "skip", "error"] = Field(
-        "truncate",
-        description="pair longer than max_length: truncate (counted), skip (counted) or fail",
     )
 
 
@@ -185,11 +175,17 @@ def encode(
 
 def encode_pair(
     tokenizer, pair: PreferencePair, max_length: int, max_prompt_length: int | None = None
-) -> TokenizedPair:
-    mpl = max_prompt_length if max_prompt_length is not None else max_length // 2
+) -> TokenizedPair | None:
+    """A training pair as the reward model reads it: both responses whole, the prompt cut as
+    needed (:func:`..data.pairs.tokenize_pair`); None when a response cannot fit."""
     if uses_chat_template(tokenizer):
-        return tokenize_pair(tokenizer, pair, max_length, mpl, keep="end")
+        return tokenize_pair(tokenizer, pair, max_length, max_prompt_length)
     prompt, chosen, rejected = pair.conversations()
+    room = max_length - tokenizer.backend_tokenizer.num_special_tokens_to_add(is_pair=True) - 1
+    if any(len(tokenizer(m[-1]["content"], add_special_tokens=False)["input_ids"]) > room
+           for m in (chosen, rejected)):
+        return None
+    mpl = max_prompt_length or max_length
     c, tc = encode(tokenizer, prompt, chosen, max_length, mpl)
     r, tr = encode(tokenizer, prompt, rejected, max_length, mpl)
     return TokenizedPair(c, r, tc or tr)
@@ -228,16 +224,13 @@ def tokenize_pairs(
     out, truncated, skipped = [], 0, 0
     for row in tqdm(rows, desc="tokenize", disable=len(rows) < 5000, dynamic_ncols=True):
         tok = encoder(tokenizer, row.pair, cfg.max_length, cfg.max_prompt_length)
-        if tok.truncated:
+        if tok is None:
             if cfg.on_long == "error":
-                raise UserError(
-                    f"{row.where}: longer than data.max_length={cfg.max_length} tokens "
-                    "(set data.on_long=truncate or skip)"
-                )
-            if cfg.on_long == "skip":
-                skipped += 1
-                continue
-            truncated += 1
+                raise UserError(f"{row.where}: a response does not fit in data.max_length={cfg.max_length} "
+                                "tokens (responses are never cut; set data.on_long=skip to skip such pairs)")
+            skipped += 1
+            continue
+        truncated += tok.truncated
         out.append((row, tok))
     return out, truncated, skipped
 

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.chat import encode_prompt, render
+from ..data.pairs import CHARS_PER_TOKEN
 from ..distributed import device as distributed_device
 from ..distributed import run_batched, to_device
 from ..errors import UserError
@@ -88,10 +89,17 @@ def pm_messages(prompt: list[dict], a: str, b: str) -> list[dict]:
 
 
 def encode_comparison(
-    tokenizer, prompt: list[dict], a: str, b: str, max_length: int
-) -> tuple[list[int], bool]:
+    tokenizer, prompt: list[dict], a: str, b: str, max_length: int, whole_responses: bool = False
+) -> tuple[list[int] | None, bool]:
     """(prompt ids ending with the assistant header, whether it was truncated); the label
-    token is appended for training, so the ids are at most ``max_length - 1`` long."""
+    token is appended for training, so the ids are at most ``max_length - 1`` long. With
+    ``whole_responses`` (training) only the context is cut, and ids are None when the two
+    responses do not fit."""
+    limit_chars = max_length * CHARS_PER_TOKEN
+    if whole_responses and max(len(a), len(b)) > limit_chars:
+        return None, True
+    prompt = [{**m, "content": m["content"][-limit_chars:]} for m in prompt]
+    a, b = a[-limit_chars:], b[-limit_chars:]
     ids = encode_prompt(tokenizer, pm_messages(prompt, a, b))
     limit = max_length - 1
     if len(ids) <= limit:
@@ -100,9 +108,11 @@ def encode_comparison(
     ctx, ta, tb = tok(_prompt_text(prompt)), tok(a), tok(b)
     budget = limit - (len(ids) - len(ctx) - len(ta) - len(tb))
     for _ in range(4):  # re-tokenising cut text can shift a few tokens: retry with less room
+        if whole_responses and budget - len(ta) - len(tb) < 1:
+            return None, True
         if budget < 3:
             break
-        keep_ctx = max(budget - len(ta) - len(tb), min(len(ctx), budget // 4))
+        keep_ctx = max(budget - len(ta) - len(tb), 0 if whole_responses else min(len(ctx), budget // 4))
         keep_ctx = min(keep_ctx, len(ctx))
         room = budget - keep_ctx
         ka = min(len(ta), max(room // 2, room - len(tb)))
@@ -294,14 +304,14 @@ def build_comparisons(
         c, r = chosen[-1]["content"], rejected[-1]["content"]
         chosen_first = rng.random() < 0.5
         ids, truncated = encode_comparison(
-            tokenizer, prompt, *((c, r) if chosen_first else (r, c)), d.max_length
+            tokenizer, prompt, *((c, r) if chosen_first else (r, c)), d.max_length, whole_responses=True
         )
-        if truncated and d.on_long == "error":
+        if ids is None and d.on_long == "error":
             raise UserError(
-                f"{row.where}: longer than data.max_length={d.max_length} tokens "
-                "(set data.on_long=truncate or skip)"
+                f"{row.where}: the two responses do not fit in data.max_length={d.max_length} tokens "
+                "(responses are never cut; set data.on_long=skip to skip such pairs)"
             )
-        if truncated and d.on_long == "skip":
+        if ids is None:
             n_long += 1
             continue
         n_trunc += truncated

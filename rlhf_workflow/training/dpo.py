@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import Config, ModelConfig, OptimConfig, TrainConfig
+from ..config import Config, ModelConfig, OptimConfig, PairLimits, TrainConfig
 from ..data.chat import IGNORE
 from ..data.pairs import TokenizedPair, collate_pairs, per_response, tokenize_pair
 from ..data.readers import read_records
@@ -41,13 +41,9 @@ from .engine import inference_precision, resolve_precision, resolve_strategy, se
 from .loop import Objective, StepOutput, TrainData, start_run, train
 
 
-class DPODataConfig(Config):
+class DPODataConfig(PairLimits):
     train: str = Field("runs/pairs.jsonl", description="preference pairs: .jsonl/.parquet file or hub dataset")
     split: str = Field("train", description="split, for hub datasets")
-    max_length: int = Field(2048, ge=8, description="tokens of prompt + response, per sequence")
-    max_prompt_length: int | None = Field(
-        1000, ge=1, description="prompt tokens kept (from the end) when prompt + response is too long"
-    )
     share_prompt: bool = Field(
         True, description="one row per pair: the prompt once, then chosen and rejected behind a mask "
         "(not with flash attention)"
@@ -139,11 +135,20 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     kind = cfg.dpo.loss
     tokenizer = load_tokenizer(cfg.model)
     records = read_records(cfg.data.train, PreferencePair, cfg.data.split, cfg.data.on_bad)
-    pairs = [tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length, keep="start")
-             for r in records]
+    pairs, too_long = [], 0
+    for i, r in enumerate(records):
+        tok = tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length)
+        if tok is None and cfg.data.on_long == "error":
+            raise UserError(f"{cfg.data.train}, pair {i + 1}: a response does not fit in data.max_length="
+                            f"{cfg.data.max_length} tokens (responses are never cut; data.on_long=skip skips it)")
+        too_long += tok is None
+        if tok is not None:
+            pairs.append(tok)
+    if not pairs:
+        raise UserError(f"{cfg.data.train}: no pair fits in data.max_length={cfg.data.max_length} tokens")
     shared = cfg.data.share_prompt and not (cfg.model.attn_implementation or "").startswith("flash")
-    print(f"dpo: {len(pairs)} pairs ({sum(p.truncated for p in pairs)} truncated to max_length "
-          f"{cfg.data.max_length}), loss {kind.value}, beta {cfg.dpo.beta}, "
+    print(f"dpo: {len(pairs)} pairs ({sum(p.truncated for p in pairs)} with the prompt cut, {too_long} skipped: "
+          f"a response longer than max_length {cfg.data.max_length}), loss {kind.value}, beta {cfg.dpo.beta}, "
           + ("one row per pair (prompt shared)" if shared else "two rows per pair"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -8,9 +8,14 @@ from rlhf_workflow.data.pairs import collate_pairs, per_response, tokenize_pair
 from rlhf_workflow.data.records import PreferencePair
 
 
-def _pair(tokenizer, chosen, rejected, max_length=256, prompt="What is 12 + 30?"):
+def _pair(tokenizer, chosen, rejected, max_length=256, prompt="What is 12 + 30?", max_prompt_length=None):
     return tokenize_pair(tokenizer, PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected),
-                         max_length, 4)
+                         max_length, max_prompt_length)
+
+
+def _response(tok):
+    start = tok.loss_mask.index(True)
+    return tok.input_ids[start:], tok.input_ids[:start]
 
 
 def test_shared_row_holds_the_prompt_once_then_both_responses(tokenizer):
@@ -36,13 +41,29 @@ def test_shared_row_holds_the_prompt_once_then_both_responses(tokenizer):
     assert b["num_tokens"] == long.shared_len() + short.shared_len()
 
 
-def test_pairs_with_different_prompt_ends_share_nothing_and_stay_correct(tokenizer):
-    # a tight max_length cuts the prompt of the longer response further: prefixes differ
-    p = _pair(tokenizer, "x " * 40, "y", max_length=48, prompt="a b c d e f g h i j k l m n o p")
-    assert p.truncated and p.chosen.input_ids[0] != p.rejected.input_ids[0]
-    assert p.shared_prefix == 0
+def test_a_tight_max_length_cuts_the_prompt_alike_for_both_responses_never_a_response(tokenizer):
+    args = ("x " * 40, "y")
+    prompt = "a b c d e f g h i j k l m n o p q r s t u v w x y z"
+    full = _pair(tokenizer, *args, max_length=10_000, prompt=prompt)
+    (long_resp, full_prompt), (short_resp, _) = _response(full.chosen), _response(full.rejected)
+    assert not full.truncated and len(long_resp) > len(short_resp)
+    limit = len(long_resp) + 5  # room for the last 5 prompt tokens
+    p = _pair(tokenizer, *args, max_length=limit, prompt=prompt)
+    (c_resp, c_prompt), (r_resp, r_prompt) = _response(p.chosen), _response(p.rejected)
+    assert p.truncated and (c_resp, r_resp) == (long_resp, short_resp)  # whole responses
+    assert c_prompt == r_prompt == full_prompt[-5:]  # the same cut, from the left
+    assert len(p.chosen.input_ids) == limit and p.shared_prefix == 4
     b = collate_pairs([p], tokenizer.pad_token_id, shared=True)
-    assert b["input_ids"][0, : p.shared_len()].tolist() == p.chosen.input_ids + p.rejected.input_ids
+    assert b["input_ids"][0, : p.shared_len()].tolist() == p.chosen.input_ids + p.rejected.input_ids[4:]
+    # max_prompt_length caps the prompt even when the pair would fit
+    capped = _pair(tokenizer, *args, max_length=10_000, prompt=prompt, max_prompt_length=3)
+    assert _response(capped.chosen) == (long_resp, full_prompt[-3:]) and capped.truncated
+    # a response that leaves no room for a prompt token: the pair does not fit, nothing is cut
+    assert _pair(tokenizer, *args, max_length=len(long_resp), prompt=prompt) is None
+    # a pathological record is cut by characters before it is tokenized
+    huge = _pair(tokenizer, "a", "b", max_length=64, prompt="z " * 1_000_000)
+    assert huge.truncated and len(huge.chosen.input_ids) <= 64
+    assert _pair(tokenizer, "w " * 1_000_000, "b", max_length=64) is None
 
 
 def test_branch_mask_hides_the_chosen_response_from_the_rejected_one(tokenizer):

@@ -324,22 +324,17 @@ def test_bad_pairs_are_skipped_and_counted_in_training(small_prefs, tmp_path, rm
     assert result["train_pairs"] == 64 and sum(result["skipped_invalid"].values()) == len(BAD_LINES)
 
 
-def test_over_long_pairs_truncate_skip_or_fail(small_prefs, tmp_path, rm_cfg):
-    common = [
-        f"data.train={small_prefs[0]}",
-        f"data.test={small_prefs[1]}",
-        "train.max_steps=1",
-        "data.max_length=44",
-    ]
-    run_rm_train(rm_cfg(tmp_path / "t", *common))
-    t = json.loads((tmp_path / "t" / "eval.json").read_text())
-    assert t["truncated"] > 0 and t["skipped_long"] == 0
-    run_rm_train(rm_cfg(tmp_path / "s", *common, "data.on_long=skip"))
+def test_over_long_pairs_cut_the_prompt_or_are_skipped_or_fail(small_prefs, tmp_path, rm_cfg):
+    common = [f"data.train={small_prefs[0]}", f"data.test={small_prefs[1]}", "train.max_steps=1",
+              "data.max_length=24"]
+    run_rm_train(rm_cfg(tmp_path / "s", *common))
     s = json.loads((tmp_path / "s" / "eval.json").read_text())
-    assert s["skipped_long"] == t["truncated"] and s["truncated"] == 0
-    assert s["train_pairs"] + s["held_out_pairs"] == 80 - t["truncated"]
-    with pytest.raises(UserError, match="line [0-9]+: longer than data.max_length=44"):
+    assert s["truncated"] > 0 and s["skipped_long"] > 0  # prompts cut; pairs whose responses cannot fit
+    assert s["train_pairs"] + s["held_out_pairs"] + s["skipped_long"] == 80
+    with pytest.raises(UserError, match="line [0-9]+: a response does not fit in data.max_length=24"):
         run_rm_train(rm_cfg(tmp_path / "e", *common, "data.on_long=error"))
+    with pytest.raises(UserError, match=r"max_prompt_length \(24\) must be smaller than max_length \(24\)"):
+        rm_cfg(tmp_path / "x", *common, "data.max_prompt_length=24")
 
 
 def test_margin_field_must_be_numeric(tmp_path):
