@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	# the official RewardBench scorer, for parity tests only (it pins an older transformers)
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt rewardbench==0.1.4
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -21,6 +21,7 @@ from ..config import Config, save_config
 from ..data.readers import iter_records
 from ..data.records import Rollout
 from ..distributed import barrier, setup
+from ..manifest import write_manifest
 from .chunks import count_records, join_parts, process_chunks, start_parts
 
 Scorer = Callable[[list[Rollout]], list[list[float]]]
@@ -106,6 +107,7 @@ def run_annotate(cfg: AnnotateConfig, scorer: Scorer | None = None) -> Path:
         return out
     if rank == 0:
         save_config(cfg, out.with_suffix(".config.yaml"))
+        write_manifest(out.parent, cfg, name=out.with_suffix(".manifest.json").name)
     loaded = [scorer]
 
     def fn(i: int, batch: list[Rollout]) -> list[dict]:

@@ -25,6 +25,7 @@ from ..data.records import Prompt
 from ..distributed import barrier, device, setup
 from ..errors import UserError
 from ..generation.hf import Sample, SamplingConfig
+from ..manifest import write_manifest
 from .chunks import chunks, count_records, join_parts, process_chunks, start_parts
 
 Generator = Callable[[list[list[dict]], SamplingConfig], list[list[Sample]]]
@@ -85,6 +86,7 @@ def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Pat
     engines = (cfg.vllm.engines or _visible_gpus()) if cfg.backend == "vllm" else 1
     if rank == 0 and cfg.shard is None:
         save_config(cfg, out.with_suffix(".config.yaml"))
+        write_manifest(out.parent, cfg, name=out.with_suffix(".manifest.json").name)
     skipped: Counter = Counter()
     if cfg.shard is None and engines > 1:
         _run_engines(cfg, engines, out.with_suffix(".config.yaml"))

@@ -24,6 +24,7 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
+from ..checks import run_check
 from ..config import Config, ModelConfig, TrainConfig, save_config
 from ..data.readers import iter_records
 from ..data.records import Prompt, Rollout
@@ -31,6 +32,7 @@ from ..errors import UserError
 from ..faults import point
 from ..generation.hf import SamplingConfig
 from ..io import remove_stale_temporaries, write_json, write_jsonl, write_text
+from ..manifest import write_manifest
 from ..report import ReportConfig, run_report
 from ..training.dpo import DPOConfig, DPODataConfig, run_dpo
 from .annotate import AnnotateConfig, run_annotate
@@ -96,8 +98,10 @@ class RunState:
 
 def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) -> dict:
     out = Path(cfg.out)
+    run_check(cfg)  # template, BOS/EOS, pad and length mismatches: before the hours start
     out.mkdir(parents=True, exist_ok=True)
     _check_config(cfg, out / "config.yaml")
+    write_manifest(out, cfg)
     remove_stale_temporaries(out)  # what a killed run was writing
     state = RunState(out / "state.json")
     print(f"loop: {cfg.iterations} iterations, reference = {cfg.reference} "

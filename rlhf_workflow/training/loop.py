@@ -44,6 +44,7 @@ from ..distributed import all_sum, barrier, to_device
 from ..errors import UserError
 from ..faults import point
 from ..io import remove_stale_temporaries, write_json
+from ..manifest import write_manifest
 from ..models.loading import save_model as save_hf_model
 from .engine import Engine, resolve_precision, resolve_strategy, setup_for
 
@@ -396,6 +397,7 @@ def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:
             for name in ("metrics.jsonl", "train_result.json"):
                 (out / name).unlink(missing_ok=True)
         save_config(cfg, saved)
+        write_manifest(out, cfg)
     barrier()
     return None
 

@@ -14,7 +14,11 @@ from safetensors.torch import load_file
 from rlhf_workflow.config import save_config
 from rlhf_workflow.online.loop import run_loop
 
-from .test_loop import FILES, _cfg, _jsonl
+FILES = ["prompts.jsonl", "rollouts.jsonl", "scored.jsonl", "pairs.jsonl", "metrics.json"]
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text().split("\n") if x]  # JSON Lines: split on \n only
 
 # (point, pass) in the order a run reaches them; each re-run continues and dies at the next
 KILLS = ["generate.chunk:2",  # iteration 1: the second chunk sampled, not yet written
@@ -31,13 +35,12 @@ KILLS = ["generate.chunk:2",  # iteration 1: the second chunk sampled, not yet w
          "report"]  # the summary written, the report not
 
 
-def test_killed_at_twelve_points_the_rerun_gives_the_uninterrupted_run(tiny_model, sandbox_data, trained_rm,
-                                                                        tmp_path):
+def test_killed_at_twelve_points_the_rerun_gives_the_uninterrupted_run(loop_cfg, tmp_path):
     full = tmp_path / "full"
-    run_loop(_cfg(tiny_model, sandbox_data, trained_rm, full))
+    run_loop(loop_cfg(full))
     out = tmp_path / "killed"
     config = tmp_path / "loop.yaml"
-    save_config(_cfg(tiny_model, sandbox_data, trained_rm, out), config)
+    save_config(loop_cfg(out), config)
     cmd = [sys.executable, "-m", "rlhf_workflow.cli", "loop", "--config", str(config)]
     completed: dict = {}
     for kill in KILLS:

@@ -24,23 +24,10 @@ def _jsonl(path):
     return [json.loads(x) for x in path.read_text().split("\n") if x]
 
 
-def _cfg(tiny_model, sandbox_data, trained_rm, out, *extra):
-    return load_config(LoopConfig, None, [
-        f"out={out}", "iterations=2", f"policy.path={tiny_model}",
-        f"prompts.source={sandbox_data / 'prompts_train.jsonl'}", "prompts.per_iteration=8",
-        "generate.sampling.n=3", "generate.sampling.max_new_tokens=10", "generate.chunk_size=4",
-        f"annotate.annotator.path={trained_rm}", "annotate.annotator.dtype=fp32",
-        "annotate.annotator.max_length=256", "annotate.chunk_size=4",
-        "dpo.data.max_length=96", "dpo.optim.lr=1e-3", "dpo.train.epochs=1", "dpo.train.global_batch_size=4",
-        "dpo.train.progress=false", "dpo.train.save_every=1",
-        f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}", "eval.limit=6", "eval.sampling.n=2",
-        "eval.sampling.max_new_tokens=10", *extra])
-
-
 @pytest.fixture(scope="module")
-def full_run(tiny_model, sandbox_data, trained_rm, tmp_path_factory):
+def full_run(loop_cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("loop") / "full"
-    summary = run_loop(_cfg(tiny_model, sandbox_data, trained_rm, out))
+    summary = run_loop(loop_cfg(out))
     return out, summary
 
 
@@ -67,11 +54,11 @@ def test_two_iterations_end_to_end(full_run):
     assert f"reference: {rows[0]['policy']}" in cfg  # reference = the SFT model, written down
 
 
-def test_resume_after_failures_gives_the_same_files(full_run, tiny_model, sandbox_data, trained_rm,
+def test_resume_after_failures_gives_the_same_files(full_run, loop_cfg,
                                                     tmp_path, monkeypatch):
     full, _ = full_run
     out = tmp_path / "crashy"
-    cfg = _cfg(tiny_model, sandbox_data, trained_rm, out)
+    cfg = loop_cfg(out)
     # a failure inside a stage: the second chunk of iteration 1's generation
     real, calls = generate_module.rollout_records, []
 
@@ -106,30 +93,30 @@ def test_resume_after_failures_gives_the_same_files(full_run, tiny_model, sandbo
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
-def test_changed_config_on_resume_is_an_error(full_run, tiny_model, sandbox_data, trained_rm):
+def test_changed_config_on_resume_is_an_error(full_run, loop_cfg, sandbox_data):
     full, _ = full_run
-    cfg = _cfg(tiny_model, sandbox_data, trained_rm, full, "select.strategy=max_max", "dpo.optim.lr=5e-4")
+    cfg = loop_cfg(full, "select.strategy=max_max", "dpo.optim.lr=5e-4")
     with pytest.raises(UserError, match=r"2 keys differ: dpo.optim.lr, select.strategy\); use --force"):
         run_loop(cfg)
     # a moved run directory, or a path written with a trailing slash, is the same run
-    same = _cfg(tiny_model, sandbox_data, trained_rm, str(full) + "/",
+    same = loop_cfg(str(full) + "/",
                 f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}/")
     assert len(run_loop(same)["iterations"]) == 3
     twelve = [f"dpo.train.{k}=3" for k in ("max_steps", "eval_every", "log_every", "save_every", "keep_checkpoints",
                                            "micro_batch_size", "seed")] + [
         "dpo.optim.lr=1e-5", "dpo.optim.eps=1e-6", "dpo.dpo.beta=0.3", "select.min_margin=0.1", "iterations=3"]
     with pytest.raises(UserError, match=r"12 keys differ: .* and 2 more\); use --force"):
-        run_loop(_cfg(tiny_model, sandbox_data, trained_rm, full, *twelve))
-    forced = _cfg(tiny_model, sandbox_data, trained_rm, full, "select.strategy=max_max", "force=true")
+        run_loop(loop_cfg(full, *twelve))
+    forced = loop_cfg(full, "select.strategy=max_max", "force=true")
     assert len(run_loop(forced)["iterations"]) == 3  # everything done already: nothing recomputed
 
 
-def test_a_folder_of_another_command_is_not_a_loop_run(tiny_model, sandbox_data, trained_rm, tmp_path):
+def test_a_folder_of_another_command_is_not_a_loop_run(loop_cfg, tmp_path):
     other = tmp_path / "dpo"
     other.mkdir()
     (other / "config.yaml").write_text("model: {path: x}\nreference: null\n")
     with pytest.raises(UserError, match="is not a loop run directory"):
-        run_loop(_cfg(tiny_model, sandbox_data, trained_rm, other))
+        run_loop(loop_cfg(other))
 
 
 def test_prompt_slices_stream_a_large_pool(tmp_path):
@@ -153,7 +140,7 @@ def test_prompt_slices_stream_a_large_pool(tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["default", "explicit"])
-def test_stages_on_two_processes(launcher, full_run, tiny_model, sandbox_data, trained_rm, tmp_path):
+def test_stages_on_two_processes(launcher, full_run, loop_cfg, tmp_path):
     """processes=2: generate, annotate and DPO run on 2 ranks (torchrun, gloo on CPU), by the
     default launcher or a configured one; the loop itself stays one process. Rollouts, rewards
     and pairs are the 1-process run's bytes; DPO (DDP, same global batch) its weights."""
@@ -161,7 +148,7 @@ def test_stages_on_two_processes(launcher, full_run, tiny_model, sandbox_data, t
     out = tmp_path / "two"
     extra = [f"launcher=[{sys.executable}, -m, torch.distributed.run, --nnodes, '1', --nproc_per_node, '{{processes}}', "
              "--rdzv_backend, c10d, --rdzv_endpoint, 'localhost:0']"] if launcher == "explicit" else []
-    run_loop(_cfg(tiny_model, sandbox_data, trained_rm, out, "iterations=1", "processes=2", *extra))
+    run_loop(loop_cfg(out, "iterations=1", "processes=2", *extra))
     for f in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
         assert (out / "iter_1" / f).read_bytes() == (full / "iter_1" / f).read_bytes(), f
     assert (out / "iter_1" / "dpo.yaml").exists()  # the stage config the ranks read
