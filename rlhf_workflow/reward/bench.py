@@ -32,7 +32,7 @@ from ..data.records import Conversation, Record, as_messages
 from ..distributed import rank_and_world
 from ..errors import UserError
 from ..io import write_json
-from .bt import _load_for_scoring, encode, encode_pair, score_tokenized
+from .bt import _load_for_scoring, encode, score_tokenized
 from .rewardbench import (
     PRIOR_SECTION,
     SECTIONS,
@@ -187,24 +187,27 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
     if fmt == "v1":
         rows, skipped = read_pairs(source, split, cfg.on_bad)
         model, tokenizer = _load_for_scoring(cfg.model)
-        toks = [encode_pair(tokenizer, r.pair, cfg.max_length, cfg.max_prompt_length) for r in rows]
-        r = _score(cfg, model, tokenizer, [t.chosen for t in toks] + [t.rejected for t in toks])
-        n = len(rows)
-        result = summarize([row.pair.subset for row in rows], [c - j for c, j in zip(r[:n], r[n:], strict=True)],
+        seqs, truncated = _encode(cfg, tokenizer, [(r.pair.conversations()[0], resp) for r in rows
+                                                    for resp in r.pair.conversations()[1:]])
+        r = _score(cfg, model, tokenizer, seqs)
+        result = summarize([row.pair.subset for row in rows], [c - j for c, j in zip(r[::2], r[1::2], strict=True)],
                            cfg.ties, cfg.prior_sets)
-        return _report(cfg, result, source, "bt", skipped, sum(t.truncated for t in toks))
+        return _report(cfg, result, source, "bt", skipped, truncated)
     records, skipped = read_best_of_n(source, split, cfg.on_bad)
     model, tokenizer = _load_for_scoring(cfg.model)
-    seqs, truncated = [], 0
-    for rec in records:
-        for text in rec.responses:
-            tok, cut = encode(tokenizer, rec.prompt, [{"role": "assistant", "content": text}],
-                              cfg.max_length, cfg.max_prompt_length)
-            seqs.append(tok)
-            truncated += cut
+    seqs, truncated = _encode(cfg, tokenizer, [(rec.prompt, [{"role": "assistant", "content": text}])
+                                                for rec in records for text in rec.responses])
     values = iter(_score(cfg, model, tokenizer, seqs))
     scores = [[next(values) for _ in rec.responses] for rec in records]
     return _report(cfg, _v2(records, scores), source, "bt", skipped, truncated)
+
+
+def _encode(cfg: RMEvalConfig, tokenizer, items: list[tuple[list[dict], list[dict]]]) -> tuple[list, int]:
+    """Each (prompt, response) as the judge reads it for scoring (every response gets a score:
+    a response too long for ``max_length`` loses its start); and how many were truncated."""
+    encoded = [encode(tokenizer, prompt, response, cfg.max_length, cfg.max_prompt_length)
+               for prompt, response in items]
+    return [tok for tok, _ in encoded], sum(cut for _, cut in encoded)
 
 
 def _score(cfg: RMEvalConfig, model, tokenizer, seqs) -> list[float]:
