@@ -6,6 +6,7 @@ and renamed into place, so a crash never leaves a half-written file that looks c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,22 +16,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w"):
-    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
+
+    A full disk or a folder that cannot be written is one line naming the file; what was
+    there before stays intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            raise UserError(f"cannot write {path}: {e.strerror} (earlier files are intact)") from None
         raise
 
 

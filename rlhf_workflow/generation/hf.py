@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.chat import encode_prompt
+from ..errors import UserError
 
 
 class SamplingConfig(Config):
@@ -55,6 +56,7 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     strings = {"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    _check_room(model, encoded, prompts, cfg.max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[list[Sample]] = [[] for _ in prompts]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -87,6 +89,21 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
         bar.update(len(idx) * cfg.n)
     bar.close()
     return results
+
+
+def _check_room(model, encoded: list[list[int]], prompts: list[list[dict]], max_new_tokens: int) -> None:
+    """Refuse prompts that leave the model too few positions for ``max_new_tokens``."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not positions:
+        return
+    long = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > positions]
+    if long:
+        i = long[0]
+        raise UserError(
+            f"{len(long)} prompt(s) too long for the model: one ({prompts[i][-1]['content'][:40]!r}...) has "
+            f"{len(encoded[i])} tokens, and the model's {positions} positions leave room for "
+            f"{max(positions - max_new_tokens, 0)} with sampling.max_new_tokens={max_new_tokens}; shorten them "
+            "or lower max_new_tokens")
 
 
 def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):

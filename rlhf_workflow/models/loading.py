@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..config import ModelConfig
 from ..errors import UserError
@@ -57,6 +58,8 @@ def load_model(cfg: ModelConfig, head: str = "causal_lm", **kwargs):
     extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if gguf:
         extra["gguf_file"] = gguf
+    else:
+        extra["use_safetensors"] = True  # never unpickle weights
     try:
         loaded = cls.from_pretrained(
             source,
@@ -65,6 +68,9 @@ def load_model(cfg: ModelConfig, head: str = "causal_lm", **kwargs):
             **extra,
             **kwargs,
         )
+    except SafetensorError as e:
+        raise UserError(f"{cfg.path}: a weight file is corrupt or truncated ({_one_line(e)}); copy or "
+                        "download it again") from None
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model {cfg.path!r} (expected {EXPECTED}): {_one_line(e)}") from None
     if gguf:
@@ -150,6 +156,13 @@ def _check_local(name: str, what: str, label: str = "model") -> None:
     if what == "tokenizer" and not any(f in files for f in TOKENIZER_FILES):
         raise UserError(f"{name} holds no tokenizer: expected {' or '.join(TOKENIZER_FILES[:2])} "
                         f"(or a .gguf file, or a hub name); found {_listing(files)}")
+    pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")) and "training_args" not in f]
+    if what == "model" and pickles and not any(f.endswith(".safetensors") for f in files):
+        raise UserError(
+            f"{name} holds only pickled weights ({', '.join(pickles[:3])}), which are not loaded: unpickling can "
+            "run code. Convert them once, where you trust the file: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{name}').save_pretrained('{name}')\" (writes "
+            "model.safetensors)")
     if what == "model" and ("config.json" not in files or not any(f.endswith(".safetensors") for f in files)):
         raise UserError(f"{name} is not a Hugging Face model folder: expected config.json and "
                         f"*.safetensors weights (or a .gguf file, or a hub name); found {_listing(files)}")

@@ -11,6 +11,7 @@ Chunked and sharded like ``rlhf generate``: a crash loses at most one chunk.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ from ..config import Config, save_config
 from ..data.readers import iter_records
 from ..data.records import Rollout
 from ..distributed import barrier, setup
+from ..errors import UserError
 from ..manifest import write_manifest
 from .chunks import count_records, join_parts, process_chunks, start_parts
 
@@ -91,8 +93,14 @@ def _gold(rollouts: list[Rollout]) -> list[list[float]]:
 
 
 def annotate_records(rollouts: list[Rollout], rewards: list[list[float]], penalty: float) -> list[dict]:
+    """Rollouts with their rewards (less ``penalty`` for a response cut by the token limit); a
+    judge that returned nan or inf is an error naming the response."""
     out = []
     for ro, rs in zip(rollouts, rewards, strict=True):
+        bad = next((j for j, r in enumerate(rs) if not math.isfinite(r)), None)
+        if bad is not None:
+            raise UserError(f"the judge returned {rs[bad]} for response {bad} of rollout {ro.id!r} "
+                            f"({ro.responses[bad][:60]!r}); check the judge (its dtype, its weights)")
         reasons = ro.finish_reasons or ["stop"] * len(rs)
         rs = [r - penalty * (why == "length") for r, why in zip(rs, reasons, strict=True)]
         out.append({**ro.model_dump(exclude_none=True), "rewards": rs})

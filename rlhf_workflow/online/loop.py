@@ -205,7 +205,9 @@ def _pairs(cfg: LoopConfig, t: int, d: Path) -> None:
     select = cfg.select.model_copy(update={"seed": cfg.seed * 1000 + t})
     pairs, stats = build_pairs(iter_records(d / "scored.jsonl", Rollout), select)
     if not pairs:
-        raise UserError(f"iteration {t}: every prompt's rewards tie; no preference pairs to train on")
+        raise UserError(f"iteration {t}: no preference pairs to train on: the rewards of all "
+                        f"{stats['prompts']} prompts tie (or differ by less than select.min_margin); check "
+                        f"the judge on {d / 'scored.jsonl'}")
     point("pairs")
     write_jsonl(d / "pairs.jsonl", pairs)
     write_json(d / "pairs.stats.json", stats)

@@ -90,6 +90,9 @@ def build_pairs(rollouts, cfg: SelectConfig) -> tuple[list[dict], dict[str, int]
 
 def run_pairs(cfg: PairsConfig) -> dict[str, int]:
     pairs, stats = build_pairs(iter_records(cfg.input, Rollout), cfg.select)
+    if not pairs:
+        raise UserError(f"{cfg.input}: no pair: the rewards of all {stats['prompts']} prompts tie (or differ by "
+                        "less than select.min_margin)")
     out = Path(cfg.out)
     write_jsonl(out, pairs)
     write_json(out.with_suffix(".stats.json"), stats)

@@ -53,8 +53,15 @@ def test_folders_that_are_not_models_name_what_was_expected_and_found(tmp_path, 
     shutil.copytree(tiny_model, no_weights)
     (no_weights / "model.safetensors").unlink()
     (no_weights / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(UserError, match=r"expected config.json and \*.safetensors.*found .*pytorch_model.bin"):
+    with pytest.raises(UserError, match=r"holds only pickled weights \(pytorch_model.bin\), which are not "
+                                         r"loaded: unpickling can run code. Convert them once"):
         load_model(ModelConfig(path=str(no_weights)))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with pytest.raises(UserError, match="a weight file is corrupt or truncated"):
+        load_model(ModelConfig(path=str(corrupt)))
     with pytest.raises(UserError, match="holds no tokenizer: expected tokenizer.json.*found config.json"):
         load_tokenizer(ModelConfig(path=str(_only_config(tiny_model, tmp_path))))
     err = _error(capsys, "sft", f"model.path={tiny_model / 'config.json'}", f"train.output_dir={tmp_path / 'o'}")
