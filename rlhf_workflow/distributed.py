@@ -92,8 +92,8 @@ def run_batched(lengths: Sequence[int], batch_size: int, fn: Callable[[list[int]
     rank, world = rank_and_world() if shard else (0, 1)
     mine = batches[rank::world]
     out = None
-    bar = tqdm(total=len(lengths), desc=desc, disable=desc is None or rank != 0, dynamic_ncols=True)
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=len(lengths), desc=desc, disable=desc is None or rank != 0,
+                                dynamic_ncols=True) as bar:
         for k in range(math.ceil(len(batches) / world)):
             idx = mine[k] if k < len(mine) else batches[0]
             values = fn(idx).float()
@@ -102,5 +102,4 @@ def run_batched(lengths: Sequence[int], batch_size: int, fn: Callable[[list[int]
             if k < len(mine):
                 out[idx] = values
             bar.update(min(world * len(idx), bar.total - bar.n))
-    bar.close()
     return (all_sum(out) if world > 1 else out).cpu()

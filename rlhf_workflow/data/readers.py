@@ -25,15 +25,17 @@ from .records import PreferencePair, Record
 R = TypeVar("R", bound=Record)
 
 
-def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
+def iter_rows(source: str | Path, split: str = "train",
+              skipped: Counter | None = None) -> Iterator[tuple[str, object]]:
     """(location such as ``"data.jsonl, line 7"``, raw row) for every row of a .jsonl/.json
-    file, a .parquet file or a hub dataset, streamed."""
+    file, a .parquet file or a hub dataset, streamed. A line that is not JSON is an error, or
+    counted in ``skipped`` when one is given."""
     path = Path(source)
     if path.exists() or path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
         parquet = path.suffix == ".parquet"
-        rows, where = (_parquet_rows(path), f"{path}, row") if parquet else (_jsonl_rows(path), f"{path}, line")
+        rows, where = (_parquet_rows(path), f"{path}, row") if parquet else (_jsonl_rows(path, skipped), f"{path}, line")
     elif _looks_like_hub_name(str(source)):
         rows, where = _hub_rows(str(source), split), f"{source}[{split}], row"
     else:
@@ -53,7 +55,7 @@ def iter_records(source: str | Path, kind: type[R], split: str = "train",
 def validated_rows(source: str | Path, kind: type[R], split: str = "train",
                    skipped: Counter | None = None) -> Iterator[tuple[str, R, dict]]:
     """(location, validated record, raw row) for every valid row (see :func:`iter_records`)."""
-    for at, row in iter_rows(source, split):
+    for at, row in iter_rows(source, split, skipped):
         if not isinstance(row, dict):
             problem = f"expected a JSON object, got {type(row).__name__}"
         else:
@@ -134,15 +136,19 @@ def split_held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+def _jsonl_rows(path: Path, skipped: Counter | None = None) -> Iterator[tuple[int, object]]:
     with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                if skipped is None:
+                    raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                skipped["not valid JSON"] += 1
+                continue
+            yield n, row
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:

@@ -76,16 +76,15 @@ def process_chunks(records: Iterator, out: Path, chunk_size: int, rank: int, wor
     ``total`` (the number of records, when known) gives the progress bar its end."""
     parts = parts_dir(out)
     n_chunks = 0
-    bar = tqdm(total=total, desc=desc, unit="prompt", disable=rank != 0, dynamic_ncols=True)
-    for i, batch in enumerate(chunks(records, chunk_size)):
-        n_chunks = i + 1
-        part = parts / f"chunk-{i:06d}.jsonl"
-        if i % world == rank and not part.exists():
-            records = fn(i, batch)
-            point(f"{desc}.chunk")
-            write_jsonl(part, records)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=total, desc=desc, unit="prompt", disable=rank != 0, dynamic_ncols=True) as bar:
+        for i, batch in enumerate(chunks(records, chunk_size)):
+            n_chunks = i + 1
+            part = parts / f"chunk-{i:06d}.jsonl"
+            if i % world == rank and not part.exists():
+                results = fn(i, batch)
+                point(f"{desc}.chunk")
+                write_jsonl(part, results)
+            bar.update(len(batch))
     return n_chunks
 
 

@@ -199,13 +199,12 @@ def train(
         _truncate_metrics(out / "metrics.jsonl", start)
     trackers = _trackers(cfg, out, run_config) if eng.is_main else []
 
-    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and eng.is_main),
-               desc=f"train {out.name}", dynamic_ncols=True)
     record: dict[str, float] = {}
     model.train()
     t0, last_save, tokens_seen = time.perf_counter(), time.monotonic(), 0.0
     skipped = 0
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, tqdm(total=total, initial=start, disable=not (cfg.progress and eng.is_main),
+                                      desc=f"train {out.name}", dynamic_ncols=True) as bar:
         for step in range(start, total):
             epoch, micro_list = plan.micro_batches(step, rank)
             batches = [data.collate(rows) for rows in micro_list]
@@ -259,11 +258,9 @@ def train(
                 _save_checkpoint(eng, out, step + 1, cfg.keep_checkpoints)
                 last_save = time.monotonic()
             if stopping:
-                bar.close()
                 raise KeyboardInterrupt(f"stopped at step {step + 1} of {total}, checkpoint saved")
             if on_step is not None:
                 on_step(step + 1, record)
-    bar.close()
     _export(eng, tokenizer, out / "model", cfg.save_dtype)
     if eng.is_main:
         if finish is not None:
