@@ -265,7 +265,8 @@ def train(
     if eng.is_main:
         if finish is not None:
             finish(record)
-        write_json(out / "train_result.json", {"steps": total, **layout, **record})
+        write_json(out / "train_result.json", {"steps": total, **layout, **record,
+                                               "train_seconds": round(time.perf_counter() - t0, 2)})
     for tracker in trackers:
         tracker.finish()
     barrier()
