@@ -1,4 +1,4 @@
-"""`rlhf rm train / rm eval / rm score` and `rlhf pm train / pm eval` on the sandbox, end to end."""
+"""`rlhf rm train / rm eval` and `rlhf pm train / pm eval` on the sandbox, end to end."""
 
 import json
 
