@@ -35,6 +35,7 @@ from .io import write_json, write_jsonl, write_text
 from .models.tiny import InitModelConfig, init_model
 from .online.annotate import AnnotateConfig, AnnotatorConfig
 from .online.generate import GenerateConfig
+from .online.loop import SET as BY_LOOP
 from .online.loop import LoopConfig, LoopEvalConfig, PromptPoolConfig, run_loop
 from .online.pairs import SelectConfig
 from .report import ReportConfig, run_report
@@ -67,18 +68,19 @@ SANDBOX_PM = PMConfig(
     optim=OptimConfig(lr=1e-3, warmup_ratio=0.03),
     train=_train(epochs=1, global_batch_size=16, micro_batch_size=16, eval_every=0),
 )
-SANDBOX_DPO = DPOConfig(
-    model=ModelConfig(path=SET), reference=ReferenceConfig(path=SET), data=DPODataConfig(train=SET, max_length=256),
-    loss=LossConfig(beta=0.1),
+SANDBOX_DPO = DPOConfig(  # the loop's DPO stage; its paths are the loop's (or, offline, the demo's)
+    model=ModelConfig(path=BY_LOOP), reference=ReferenceConfig(path=BY_LOOP),
+    data=DPODataConfig(train=BY_LOOP, max_length=256), loss=LossConfig(beta=0.1),
     optim=OptimConfig(lr=2e-5, warmup_ratio=0.03),
-    train=_train(epochs=2, global_batch_size=16, micro_batch_size=16, log_every=10, save_every=20),
+    train=TrainConfig(output_dir=BY_LOOP, **_QUIET, epochs=2, global_batch_size=16, micro_batch_size=16,
+                      log_every=10, save_every=20),
 )
 SANDBOX_LOOP = LoopConfig(
     out=SET, iterations=3, policy=ModelConfig(path=SET), reference="sft",
     prompts=PromptPoolConfig(source=SET, per_iteration=200),
-    generate=GenerateConfig(model=ModelConfig(path=SET), input=SET, out=SET, chunk_size=100,
+    generate=GenerateConfig(model=ModelConfig(path=BY_LOOP), input=BY_LOOP, out=BY_LOOP, chunk_size=100,
                             sampling=SamplingConfig(n=8, temperature=1.0, max_new_tokens=48, batch_size=50)),
-    annotate=AnnotateConfig(input=SET, out=SET, annotator=AnnotatorConfig(path=SET, dtype="fp32", max_length=256)),
+    annotate=AnnotateConfig(input=BY_LOOP, out=BY_LOOP, annotator=AnnotatorConfig(path=SET, dtype="fp32", max_length=256)),
     select=SelectConfig(strategy="max_min"),
     dpo=SANDBOX_DPO,
     eval=LoopEvalConfig(prompts=SET, limit=0, sampling=SamplingConfig(n=4, temperature=1.0, max_new_tokens=48,

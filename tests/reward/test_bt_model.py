@@ -62,7 +62,7 @@ def test_objective_pairs_the_first_half_with_the_second_and_sums():
     }
     out = bt_objective(model, batch)
     torch.testing.assert_close(out.loss_sum, torch.tensor(0.4740770 + math.log(2)))
-    assert out.metric_sums["accuracy"].item() == 1.5  # a win and a tie
+    assert out.metric_sums["accuracy"].item() == 1.0  # a win and a tie, which counts 0 (as RewardBench's)
     assert out.metric_sums["margin"].item() == 1.0
 
 
