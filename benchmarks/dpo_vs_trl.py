@@ -62,10 +62,10 @@ def run_ours(model: str, pairs: str, out: str, extra: list[str]) -> dict:
 
     cfg = load_config(DPOConfig, None, [
         f"model.path={model}", f"data.train={pairs}", f"data.max_length={MAX_LEN}",
-        f"optim.lr={LR}", "optim.betas=[0.9,0.999]", "optim.warmup_ratio=0.03", f"dpo.beta={BETA}",
+        f"optim.lr={LR}", "optim.betas=[0.9,0.999]", "optim.warmup_ratio=0.03", f"loss.beta={BETA}",
         f"train.epochs={EPOCHS}", f"train.micro_batch_size={MICRO}", f"train.global_batch_size={MICRO * ACCUM}",
         f"train.output_dir={out}", "train.progress=false", "train.log_every=1",
-        f"dpo.reference_batch_size={2 * MICRO}", *extra,
+        f"reference.batch_size={2 * MICRO}", *extra,
     ])
     from rlhf_workflow.training import dpo, reference
 

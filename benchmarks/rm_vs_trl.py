@@ -36,9 +36,11 @@ LR, MAX_LEN, SEED = 1e-3, 256, 0
 
 def _held_out_accuracy(model_dir: str, test: str) -> float:
     from rlhf_workflow.config import ModelConfig
-    from rlhf_workflow.reward.bt import _load_for_scoring, encode_pair, read_pairs, score_tokenized
+    from rlhf_workflow.data.readers import read_pairs
+    from rlhf_workflow.reward.bt import load_reward_model, score_tokenized
+    from rlhf_workflow.reward.encoding import encode_pair
 
-    model, tok = _load_for_scoring(ModelConfig(path=model_dir), "cpu")
+    model, tok = load_reward_model(ModelConfig(path=model_dir), "cpu")
     rows, _ = read_pairs(test)
     pairs = [encode_pair(tok, r.pair, MAX_LEN) for r in rows]
     r = score_tokenized(
@@ -50,10 +52,10 @@ def _held_out_accuracy(model_dir: str, test: str) -> float:
 
 def run_ours(model: str, train: str, test: str, out: str, batch: int, extra: list[str]) -> dict:
     from rlhf_workflow.config import load_config
-    from rlhf_workflow.reward.bt import RMTrainConfig, run_rm_train
+    from rlhf_workflow.reward.bt import RMConfig, run_rm_train
 
     cfg = load_config(
-        RMTrainConfig,
+        RMConfig,
         None,
         [
             f"model.path={model}",

@@ -22,7 +22,8 @@ import torch
 
 from rlhf_workflow.config import ModelConfig
 from rlhf_workflow.models.tiny import InitModelConfig, init_model
-from rlhf_workflow.reward.bt import encode, ensure_pad_token, load_seq_cls, score
+from rlhf_workflow.reward.bt import load_seq_cls, score
+from rlhf_workflow.reward.encoding import encode, ensure_pad_token
 from rlhf_workflow.sandbox import make_prompts
 from rlhf_workflow.sandbox.tasks import FILLERS, render_response
 

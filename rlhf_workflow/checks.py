@@ -189,7 +189,7 @@ def end_of_turn(tokenizer) -> tuple[str, int | None]:
 
 def check_stops(who: str, loaded: Loaded, samplings: dict) -> list[Finding]:
     """The template's end-of-turn token must be a special token every sampling config stops on."""
-    from .generation.hf import stop_token_ids
+    from .generation.sampling import stop_token_ids
 
     tok = loaded.tokenizer
     marker, eot = end_of_turn(tok)
@@ -215,7 +215,7 @@ def check_stops(who: str, loaded: Loaded, samplings: dict) -> list[Finding]:
 
 def check_pad(who: str, loaded: Loaded) -> list[Finding]:
     """A BT judge needs a pad token, the same in its config, distinct from EOS when it reads the
-    chat template (the rule ``rlhf rm score`` and ``annotate`` enforce at load)."""
+    chat template (the rule ``annotate`` and ``rm eval`` enforce at load)."""
     tok = loaded.tokenizer
     pad = loaded.config.get_text_config().pad_token_id
     if tok.pad_token_id is None:
@@ -290,7 +290,7 @@ def check_same_tokenizer(policy, judge) -> list[Finding]:
 def check_loop(cfg: LoopConfig) -> list[Finding]:
     """Every finding for a loop config: policy (pi_0), reference, judge."""
     out: list[Finding] = []
-    policy = _load("policy", cfg.policy, out)
+    policy = _load_for_check("policy", cfg.policy, out)
     if policy is not None:
         out += check_template("policy", policy.tokenizer)
         samplings = {"generate.sampling": cfg.generate.sampling}
@@ -310,7 +310,7 @@ def check_loop(cfg: LoopConfig) -> list[Finding]:
     judge_cfg = cfg.annotate.annotator
     if judge_cfg.kind == "gold":
         return out
-    judge = _load("judge", ModelConfig(path=judge_cfg.path), out)
+    judge = _load_for_check("judge", ModelConfig(path=judge_cfg.path), out)
     if judge is None:
         return out
     tok = judge.tokenizer
@@ -326,7 +326,7 @@ def check_loop(cfg: LoopConfig) -> list[Finding]:
     return out
 
 
-def _load(who: str, spec: ModelConfig, out: list[Finding]) -> Loaded | None:
+def _load_for_check(who: str, spec: ModelConfig, out: list[Finding]) -> Loaded | None:
     try:
         return load_parts(spec)
     except UserError as e:

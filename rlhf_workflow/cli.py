@@ -34,15 +34,13 @@ COMMANDS: dict[str, Command] = {
                                  "write the sandbox prompts, SFT data and preference pairs"),
     "sft": Command("training.sft:SFTConfig", "training.sft:run_sft",
                    "supervised fine-tuning on chat data (assistant tokens only)"),
-    "rm train": Command("reward.bt:RMTrainConfig", "reward.bt:run_rm_train",
+    "rm train": Command("reward.bt:RMConfig", "reward.bt:run_rm_train",
                         "train a Bradley-Terry reward model on preference pairs"),
-    "rm score": Command("reward.bt:RMScoreConfig", "reward.bt:run_rm_score",
-                        "score responses (rollouts or pairs) with a reward model"),
-    "rm eval": Command("reward.bench:RMEvalConfig", "reward.bench:run_rm_eval",
+    "rm eval": Command("evaluation.judges:RMEvalConfig", "evaluation.judges:run_rm_eval",
                        "RewardBench-style accuracy of a reward model on a pair file"),
-    "pm train": Command("reward.pm:PMTrainConfig", "reward.pm:run_pm_train",
+    "pm train": Command("reward.pm:PMConfig", "reward.pm:run_pm_train",
                         "train a pairwise preference model (emits A or B)"),
-    "pm eval": Command("reward.bench:PMEvalConfig", "reward.bench:run_pm_eval",
+    "pm eval": Command("evaluation.judges:PMEvalConfig", "evaluation.judges:run_pm_eval",
                        "RewardBench-style accuracy of a preference model on a pair file"),
     "dpo": Command("training.dpo:DPOConfig", "training.dpo:run_dpo",
                    "DPO (and IPO, hinge, RPO, SimPO) on preference pairs"),
@@ -63,7 +61,7 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def _load(ref: str):
+def _import(ref: str):
     module, name = ref.split(":")
     return getattr(importlib.import_module(f"rlhf_workflow.{module}"), name)
 
@@ -108,7 +106,7 @@ def _no_command(argv: list[str]) -> int:
 
 
 def _command_parser(name: str, cmd: Command, want_help: bool) -> argparse.ArgumentParser:
-    epilog = _options_help(_load(cmd.config)) if want_help else None
+    epilog = _options_help(_import(cmd.config)) if want_help else None
     p = argparse.ArgumentParser(
         prog=f"rlhf {name}", description=cmd.summary, epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -167,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .config import load_config
 
-        cfg = load_config(_load(cmd.config), args.config, args.overrides)
-        _load(cmd.run)(cfg)
+        cfg = load_config(_import(cmd.config), args.config, args.overrides)
+        _import(cmd.run)(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -232,7 +232,19 @@ def _describe(cls: type[Config], err: ValidationError) -> str:
         valid = ", ".join(model.model_fields) if _is_config(model) else "?"
         return f"unknown config key {loc!r}; valid keys here: {valid}"
     got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-    return f"config key {loc!r}: {e['msg'].removeprefix('Value error, ')}{got}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"config key {loc!r}: {msg}{got}" if loc else f"config: {msg}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dump as ``{"optim.lr": 1e-5, ...}`` (what trackers and key checks want)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
 
 
 # --------------------------------------------------------------------------- saving / help

@@ -28,20 +28,21 @@ from pydantic import Field
 
 from .config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
 from .data.readers import iter_rows
-from .generation.hf import SamplingConfig
+from .evaluation.iteration import evaluate_iteration
+from .evaluation.judges import PMEvalConfig, RMEvalConfig, run_pm_eval, run_rm_eval
+from .generation.sampling import SamplingConfig
 from .io import write_json, write_jsonl, write_text
 from .models.tiny import InitModelConfig, init_model
 from .online.annotate import AnnotateConfig, AnnotatorConfig
-from .online.evaluate import evaluate_iteration
 from .online.generate import GenerateConfig
+from .online.loop import SET as BY_LOOP
 from .online.loop import LoopConfig, LoopEvalConfig, PromptPoolConfig, run_loop
 from .online.pairs import SelectConfig
 from .report import ReportConfig, run_report
-from .reward.bench import PMEvalConfig, RMEvalConfig, run_pm_eval, run_rm_eval
-from .reward.bt import PairDataConfig, RMDataConfig, RMTrainConfig, run_rm_train
-from .reward.pm import PMTrainConfig, run_pm_train
+from .reward.bt import PairDataConfig, RMConfig, RMDataConfig, run_rm_train
+from .reward.pm import PMConfig, run_pm_train
 from .sandbox import MakeDataConfig, make_data
-from .training.dpo import DPOConfig, DPODataConfig, DPOLossConfig, run_dpo
+from .training.dpo import DPOConfig, DPODataConfig, LossConfig, ReferenceConfig, run_dpo
 from .training.sft import SFTConfig, SFTDataConfig, run_sft
 
 SET = "(set by the demo)"
@@ -57,28 +58,29 @@ SANDBOX_SFT = SFTConfig(
     optim=OptimConfig(lr=3e-3, warmup_ratio=0.05),
     train=_train(epochs=10, global_batch_size=16, micro_batch_size=16, log_every=20),
 )
-SANDBOX_RM = RMTrainConfig(
+SANDBOX_RM = RMConfig(
     model=ModelConfig(path=SET), data=RMDataConfig(train=SET, test=SET, max_length=256),
     optim=OptimConfig(lr=1e-3, warmup_ratio=0.03),
     train=_train(epochs=1, global_batch_size=16, micro_batch_size=16, eval_every=0),
 )
-SANDBOX_PM = PMTrainConfig(
+SANDBOX_PM = PMConfig(
     model=ModelConfig(path=SET), data=PairDataConfig(train=SET, test=SET, max_length=512),
     optim=OptimConfig(lr=1e-3, warmup_ratio=0.03),
     train=_train(epochs=1, global_batch_size=16, micro_batch_size=16, eval_every=0),
 )
-SANDBOX_DPO = DPOConfig(
-    model=ModelConfig(path=SET), reference=SET, data=DPODataConfig(train=SET, max_length=256),
-    dpo=DPOLossConfig(beta=0.1),
+SANDBOX_DPO = DPOConfig(  # the loop's DPO stage; its paths are the loop's (or, offline, the demo's)
+    model=ModelConfig(path=BY_LOOP), reference=ReferenceConfig(path=BY_LOOP),
+    data=DPODataConfig(train=BY_LOOP, max_length=256), loss=LossConfig(beta=0.1),
     optim=OptimConfig(lr=2e-5, warmup_ratio=0.03),
-    train=_train(epochs=2, global_batch_size=16, micro_batch_size=16, log_every=10, save_every=20),
+    train=TrainConfig(output_dir=BY_LOOP, **_QUIET, epochs=2, global_batch_size=16, micro_batch_size=16,
+                      log_every=10, save_every=20),
 )
 SANDBOX_LOOP = LoopConfig(
     out=SET, iterations=3, policy=ModelConfig(path=SET), reference="sft",
     prompts=PromptPoolConfig(source=SET, per_iteration=200),
-    generate=GenerateConfig(model=ModelConfig(path=SET), input=SET, out=SET, chunk_size=100,
+    generate=GenerateConfig(model=ModelConfig(path=BY_LOOP), input=BY_LOOP, out=BY_LOOP, chunk_size=100,
                             sampling=SamplingConfig(n=8, temperature=1.0, max_new_tokens=48, batch_size=50)),
-    annotate=AnnotateConfig(input=SET, out=SET, annotator=AnnotatorConfig(path=SET, dtype="fp32", max_length=256)),
+    annotate=AnnotateConfig(input=BY_LOOP, out=BY_LOOP, annotator=AnnotatorConfig(path=SET, dtype="fp32", max_length=256)),
     select=SelectConfig(strategy="max_min"),
     dpo=SANDBOX_DPO,
     eval=LoopEvalConfig(prompts=SET, limit=0, sampling=SamplingConfig(n=4, temperature=1.0, max_new_tokens=48,
@@ -93,8 +95,8 @@ class DemoConfig(Config):
     data: MakeDataConfig = MakeDataConfig(n_prefs=20000)
     model: InitModelConfig = InitModelConfig()
     sft: SFTConfig = SANDBOX_SFT
-    rm: RMTrainConfig = SANDBOX_RM
-    pm: PMTrainConfig = SANDBOX_PM
+    rm: RMConfig = SANDBOX_RM
+    pm: PMConfig = SANDBOX_PM
     online: LoopConfig = SANDBOX_LOOP
     length_penalty: float = Field(0.01, ge=0, description="lambda per character of the length-penalised online run")
     offline: bool = Field(True, description="train the offline DPO baseline")
@@ -180,7 +182,7 @@ def _offline_dpo(cfg: DemoConfig, out: Path) -> None:
     rows = islice(iter_rows(out / "data" / "prefs_train.jsonl"), budget)
     write_jsonl(out / "offline" / "pairs.jsonl", (row for _, row in rows))
     dpo = cfg.online.dpo.model_copy(deep=True)
-    dpo.model.path = dpo.reference = cfg.online.policy.path
+    dpo.model.path = dpo.reference.path = cfg.online.policy.path
     dpo.data.train = str(out / "offline" / "pairs.jsonl")
     dpo.train.output_dir, dpo.train.seed = str(out / "offline"), cfg.seed
     run_dpo(dpo)
@@ -196,24 +198,24 @@ def _evaluate(cfg: DemoConfig, policy: Path, path: Path) -> None:
 # --------------------------------------------------------------------------- summary
 
 
-def _load(path: Path) -> dict | None:
+def _read_if_there(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def _summary(cfg: DemoConfig, out: Path) -> dict:
-    online = _load(out / "online" / "summary.json")["iterations"]
-    lp = _load(out / "online_length_penalty" / "summary.json")["iterations"]
+    online = _read_if_there(out / "online" / "summary.json")["iterations"]
+    lp = _read_if_there(out / "online_length_penalty" / "summary.json")["iterations"]
     policies = {"sft": online[0]}
     if cfg.offline:
-        policies["offline_dpo"] = _load(out / "eval" / "offline.json")
+        policies["offline_dpo"] = _read_if_there(out / "eval" / "offline.json")
     judges = {}
     for name, key in (("BT reward model", "rm"), ("preference model", "pm")):
-        r = _load(out / "eval" / f"{key}.json")
+        r = _read_if_there(out / "eval" / f"{key}.json")
         if r:
             judges[name] = {"per_subset": r["subsets"], "accuracy": r["overall"]}
     runs = {"online": online, f"online_length_penalty_{cfg.length_penalty}": lp}
     if cfg.gold_judge:
-        runs["online_gold_judge"] = _load(out / "online_gold_judge" / "summary.json")["iterations"]
+        runs["online_gold_judge"] = _read_if_there(out / "online_gold_judge" / "summary.json")["iterations"]
     summary = {"seed": cfg.seed, "policies": policies, "runs": runs,
                "reward_models": {k: v for k, v in judges.items() if v}}
     summary["headline"] = headline(summary)

@@ -45,6 +45,20 @@ def atomic_open(path: str | Path, mode: str = "w"):
         raise
 
 
+def replace_dir(tmp: str | Path, out: str | Path) -> None:
+    """Move the finished folder ``tmp`` to ``out`` (a sibling): a folder cannot be renamed onto a
+    non-empty one, so an existing ``out`` is moved aside first and removed after."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Remove the temporary files and folders (``.NAME.*.tmp``, ``.NAME.tmp``, ``.NAME.old``) a
     killed process left under ``folder``; returns how many. Only for folders a run owns alone."""
@@ -55,6 +69,10 @@ def remove_stale_temporaries(folder: str | Path) -> int:
         else:
             p.unlink(missing_ok=True)
     return len(stale)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -52,6 +52,12 @@ class DPOLoss(str, Enum):
         """
         return self in (DPOLoss.IPO, DPOLoss.SIMPO)
 
+    @property
+    def default_beta(self) -> float:
+        """beta where the config leaves it unset: 0.1 (the paper's DPO; IPO's tau, the hinge's
+        margin scale), 2.0 for SimPO (its paper's range is 2 to 10)."""
+        return 2.0 if self is DPOLoss.SIMPO else 0.1
+
 
 def _rewards(beta: float, chosen: torch.Tensor, rejected: torch.Tensor):
     return beta * chosen.detach(), beta * rejected.detach()

@@ -33,10 +33,10 @@ def tokenizer(request):
 
 def judge_config(kind: str, tiny_model, sandbox_data, out, *overrides):
     """A fast BT (``kind="rm"``) or PM (``"pm"``) training config on the sandbox pairs."""
-    from rlhf_workflow.reward.bt import RMTrainConfig
-    from rlhf_workflow.reward.pm import PMTrainConfig
+    from rlhf_workflow.reward.bt import RMConfig
+    from rlhf_workflow.reward.pm import PMConfig
 
-    cls, length = (RMTrainConfig, 128) if kind == "rm" else (PMTrainConfig, 256)
+    cls, length = (RMConfig, 128) if kind == "rm" else (PMConfig, 256)
     return load_config(cls, None, [
         f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
         f"data.test={sandbox_data / 'prefs_test.jsonl'}", f"data.max_length={length}",

@@ -30,7 +30,7 @@ from rlhf_workflow.checks import (
 from rlhf_workflow.cli import main
 from rlhf_workflow.config import load_config
 from rlhf_workflow.data.chat import encode_prompt, render
-from rlhf_workflow.generation.hf import SamplingConfig
+from rlhf_workflow.generation.sampling import SamplingConfig
 from rlhf_workflow.models.tiny import TEMPLATES, tiny_config, train_tokenizer
 from rlhf_workflow.online.loop import LoopConfig
 from rlhf_workflow.sandbox import corpus

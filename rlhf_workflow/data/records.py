@@ -8,6 +8,9 @@ Formats (extra fields are ignored, so HF datasets with more columns load as they
   "rejected": str | [messages], "subset"?: "..."}``. The flat form (RewardBench) has strings;
   the conversational form has message lists, where ``chosen``/``rejected`` hold the assistant
   turn(s) and may also repeat the prompt messages in front (they are then stripped).
+  ``"sampled": true`` (written by ``rlhf pairs``) marks responses a policy generated: an empty
+  sampled response is the policy ending its turn at once, a real outcome to train against,
+  while an empty response in a dataset is a broken row.
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ class Prompt(Record):
         return as_messages(self.prompt, "user")
 
 
-def _not_blank(v: str | Conversation) -> str | Conversation:
+def _not_blank(v: str | Conversation, field: str = "") -> str | Conversation:
     if not (v.strip() if isinstance(v, str) else any(m.content.strip() for m in v)):
-        raise ValueError("must not be empty or only whitespace")
+        raise ValueError(f"{field}: " * bool(field) + "must not be empty or only whitespace")
     return v
 
 
@@ -69,15 +72,18 @@ class PreferencePair(Record):
     subset: str | None = None
     id: str | None = None
     meta: dict[str, Any] | None = None
+    sampled: bool = False
 
-    _non_empty = field_validator("prompt", "chosen", "rejected")(classmethod(lambda cls, v: _not_blank(v)))
+    _non_empty = field_validator("prompt")(classmethod(lambda cls, v: _not_blank(v)))
 
     @model_validator(mode="after")
     def _a_preference(self) -> PreferencePair:
-        """Each response ends with a non-blank assistant turn, and the two differ."""
+        """Each response ends with an assistant turn, non-blank unless sampled; the two differ."""
         prompt, chosen, rejected = self.conversations()
         for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-            if not msgs or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            if not self.sampled:
+                _not_blank(getattr(self, name), name)
+            if not msgs or msgs[-1]["role"] != "assistant" or not (self.sampled or msgs[-1]["content"].strip()):
                 raise ValueError(f"{name}: must end with a non-empty assistant message")
         if chosen == rejected:
             raise ValueError("chosen: equal to rejected (the pair carries no preference)")
@@ -100,11 +106,6 @@ def _response(x: str | Conversation, prompt: list[dict]) -> list[dict[str, str]]
     if len(msgs) > len(prompt) and msgs[: len(prompt)] == prompt:
         msgs = msgs[len(prompt) :]
     return msgs
-
-
-def response_text(x: str | Conversation) -> str:
-    """The text of a response (the last message's content for a conversation)."""
-    return x if isinstance(x, str) else x[-1].content
 
 
 class Rollout(Record):

@@ -19,7 +19,8 @@ from ..data.readers import read_records
 from ..data.records import Prompt
 from ..distributed import device
 from ..errors import UserError
-from ..generation.hf import Sample, SamplingConfig, generate_hf
+from ..generation.hf import generate_hf
+from ..generation.sampling import Sample, SamplingConfig
 from ..io import write_json, write_jsonl
 from ..models.loading import load_model, load_tokenizer
 from ..sandbox import gold_reward, parse_answer

@@ -8,43 +8,12 @@ out) and token count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..config import Config
 from ..data.chat import encode_prompt
 from ..errors import UserError
-
-
-class SamplingConfig(Config):
-    n: int = Field(8, ge=1, description="responses per prompt")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
-    top_k: int = Field(0, ge=0, description="top-k sampling (0 = off)")
-    max_new_tokens: int = Field(2048, ge=1, description="token budget per response")
-    batch_size: int = Field(32, ge=1, description="prompts per generate call")
-    stop: list[str] = Field(default_factory=list, description="extra stop strings (the response ends before them)")
-    stop_token_ids: list[int] = Field(default_factory=list, description="extra stop token ids (besides end of turn)")
-    seed: int = Field(0, description="sampling seed")
-
-
-@dataclass(frozen=True)
-class Sample:
-    text: str
-    finish_reason: str
-    num_tokens: int
-    token_ids: tuple[int, ...] = ()  # as sampled, end-of-turn token included when it stopped
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+from .sampling import Sample, SamplingConfig, stop_token_ids
 
 
 @torch.no_grad()

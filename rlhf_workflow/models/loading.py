@@ -11,7 +11,6 @@ transformers sees it, so a wrong path is one line saying what was expected and w
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from ..config import ModelConfig
 from ..errors import UserError
 from ..faults import point
+from ..io import replace_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPECTED = "a Hugging Face model folder (config.json + *.safetensors weights), a .gguf file or a hub name"
@@ -88,6 +88,11 @@ def _as_plain_model(model, path: str) -> None:
     model.config.name_or_path = path  # (the GGUF's "general.name" otherwise)
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS (padding is masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def unwrap(model):
     """The model inside a distributed wrapper (DDP, DeepSpeed), or the model itself."""
     return getattr(model, "module", model)
@@ -120,14 +125,7 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     point("export")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 

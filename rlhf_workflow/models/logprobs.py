@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..data.batching import attention_mask
 from ..data.chat import IGNORE
+from ..data.pairs import per_response
+from .loading import param_dtype
 
 CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
 
@@ -36,6 +39,21 @@ def target_logps(model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
     if keep.any():
         out = out.index_put((keep,), head_logps(model, hidden[keep], targets[keep]))
     return out
+
+
+def response_logps(model, batch: dict) -> torch.Tensor:
+    """Summed response log-probs of a padded batch: one per row, or per response in the
+    shared-prompt layout (chosen first), i.e. (2N,) for a batch of N pairs.
+
+    Hidden states are kept only from the first response position on, and the LM head runs
+    only at response tokens (:func:`..models.logprobs.target_logps`).
+    """
+    seq_ids, targets, branch = batch["seq_ids"], batch["targets"], batch.get("branch")
+    has_target = (targets != IGNORE).any(0)
+    start = int(has_target.nonzero()[0]) if has_target.any() else 0
+    mask = attention_mask(seq_ids, branch is not None, param_dtype(model), branch)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
+    return per_response(target_logps(model, inputs, targets[:, start:]), batch)
 
 
 def final_hidden(model, inputs: dict, keep: int) -> torch.Tensor:

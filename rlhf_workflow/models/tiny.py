@@ -15,7 +15,6 @@ that are not NFC-normalised then encode differently than with the tokenizer trai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -36,6 +35,7 @@ from transformers import (
 
 from ..config import Config
 from ..errors import UserError
+from ..io import replace_dir
 
 Template = Literal["chatml", "llama3"]
 Arch = Literal["llama", "qwen2"]
@@ -151,9 +151,9 @@ class InitModelConfig(Config):
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (incl. 256 bytes)")
     hidden_size: int = Field(128, ge=8, description="model width")
     num_layers: int = Field(2, ge=1, description="transformer blocks")
-    num_heads: int = Field(4, ge=1, validate_default=True, description="attention heads")
+    num_heads: int = Field(4, ge=1, description="attention heads")
     num_kv_heads: int = Field(
-        2, ge=1, validate_default=True, description="key/value heads (grouped-query attention)"
+        2, ge=1, description="key/value heads (grouped-query attention)"
     )
     intermediate_size: int = Field(384, ge=1, description="MLP hidden width")
     max_position_embeddings: int = Field(512, ge=16, description="longest sequence the model takes")
@@ -164,21 +164,12 @@ class InitModelConfig(Config):
         "values); default: the built-in sandbox corpus",
     )
 
-    @field_validator("num_heads")
-    @classmethod
-    def _heads_divide_hidden(cls, v: int, info: ValidationInfo) -> int:
-        hidden = info.data.get("hidden_size")
-        if hidden is not None and hidden % v:
-            raise ValueError(f"hidden_size ({hidden}) must be divisible by num_heads ({v})")
-        return v
-
-    @field_validator("num_kv_heads")
-    @classmethod
-    def _kv_heads_divide_heads(cls, v: int, info: ValidationInfo) -> int:
-        heads = info.data.get("num_heads")
-        if heads is not None and heads % v:
-            raise ValueError(f"num_heads ({heads}) must be divisible by num_kv_heads ({v})")
-        return v
+    @model_validator(mode="after")
+    def _heads_divide(self) -> InitModelConfig:
+        for big, small in (("hidden_size", "num_heads"), ("num_heads", "num_kv_heads")):
+            if getattr(self, big) % getattr(self, small):
+                raise ValueError(f"{big} ({getattr(self, big)}) must be divisible by {small} ({getattr(self, small)})")
+        return self
 
 
 def read_corpus(path: str | Path) -> list[str]:
@@ -247,13 +238,7 @@ def init_model(cfg: InitModelConfig) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # a folder cannot be renamed over a non-empty one: move it aside first
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

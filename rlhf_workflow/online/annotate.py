@@ -35,7 +35,7 @@ class AnnotatorConfig(Config):
         "bt", description="Bradley-Terry scores, pairwise-preference ranking, or the sandbox gold reward")
     pm_mode: Literal["tournament", "round_robin"] = Field("tournament", description="PM ranking of the n responses")
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="dtype of the scoring model: fp32 scores as `rlhf rm score` does; bf16 halves "
+        "fp32", description="dtype of the scoring model: fp32 (default) keeps rewards exact; bf16 halves "
         "memory on a GPU but moves rewards by ~1e-2, enough to reorder close responses")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass")
     max_length: int = Field(4096, ge=8, description="tokens per scored sequence (prompt cut first)")

@@ -24,7 +24,7 @@ from ..data.readers import fmt_counts, iter_records
 from ..data.records import Prompt
 from ..distributed import barrier, device, setup
 from ..errors import UserError
-from ..generation.hf import Sample, SamplingConfig
+from ..generation.sampling import Sample, SamplingConfig
 from ..manifest import write_manifest
 from .chunks import chunks, count_records, join_parts, process_chunks, start_parts
 

@@ -25,18 +25,18 @@ import yaml
 from pydantic import Field
 
 from ..checks import run_check
-from ..config import Config, ModelConfig, TrainConfig, save_config
+from ..config import Config, ModelConfig, TrainConfig, flatten, save_config
 from ..data.readers import iter_records
 from ..data.records import Prompt, Rollout
 from ..errors import UserError
+from ..evaluation.iteration import evaluate_iteration
 from ..faults import point
-from ..generation.hf import SamplingConfig
-from ..io import remove_stale_temporaries, write_json, write_jsonl, write_text
+from ..generation.sampling import SamplingConfig
+from ..io import read_json, remove_stale_temporaries, write_json, write_jsonl, write_text
 from ..manifest import write_manifest
 from ..report import ReportConfig, run_report
-from ..training.dpo import DPOConfig, DPODataConfig, run_dpo
+from ..training.dpo import DPOConfig, DPODataConfig, ReferenceConfig, run_dpo
 from .annotate import AnnotateConfig, run_annotate
-from .evaluate import evaluate_iteration
 from .generate import GenerateConfig, run_generate
 from .pairs import SelectConfig, build_pairs
 
@@ -67,7 +67,8 @@ class LoopConfig(Config):
     generate: GenerateConfig = GenerateConfig(model=ModelConfig(path=SET), input=SET, out=SET)
     annotate: AnnotateConfig = AnnotateConfig(input=SET, out=SET)
     select: SelectConfig = SelectConfig()
-    dpo: DPOConfig = DPOConfig(model=ModelConfig(path=SET), reference=SET, data=DPODataConfig(train=SET),
+    dpo: DPOConfig = DPOConfig(model=ModelConfig(path=SET), reference=ReferenceConfig(path=SET),
+                               data=DPODataConfig(train=SET),
                                train=TrainConfig(output_dir=SET, epochs=2, global_batch_size=128,
                                                  micro_batch_size=8, save_every=50))
     eval: LoopEvalConfig = LoopEvalConfig()
@@ -98,6 +99,7 @@ class RunState:
 
 def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) -> dict:
     out = Path(cfg.out)
+    _refuse_owned_keys(cfg)
     run_check(cfg)  # template, BOS/EOS, pad and length mismatches: before the hours start
     out.mkdir(parents=True, exist_ok=True)
     _check_config(cfg, out / "config.yaml")
@@ -119,7 +121,7 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
 
     sft = cfg.policy.path
     stage("iter_0/eval", _evaluate, cfg, 0, sft, sft, out / "iter_0")
-    rows = [_load(out / "iter_0" / "metrics.json")]
+    rows = [read_json(out / "iter_0" / "metrics.json")]
     policy = sft
     for t in range(1, cfg.iterations + 1):
         d = out / f"iter_{t}"
@@ -135,7 +137,7 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
         stage(f"iter_{t}/dpo", _launch, cfg, "dpo", _dpo_config(cfg, policy, ref, d), d / "dpo.yaml")
         policy = str(d / "dpo" / "model")
         stage(f"iter_{t}/eval", _evaluate, cfg, t, policy, sft, d)
-        row = _load(d / "metrics.json")
+        row = read_json(d / "metrics.json")
         row["seconds"] = {s: state.data["completed"].get(f"iter_{t}/{s}") for s in STAGES}
         rows.append(row)
         print(_one_line(row))
@@ -217,7 +219,7 @@ def _dpo_config(cfg: LoopConfig, policy: str, reference: str, d: Path) -> DPOCon
     dpo = cfg.dpo.model_copy(deep=True)  # the policy's identity, DPO's own dtype and attention
     dpo.model = dpo.model.model_copy(update={"path": policy, "tokenizer": cfg.policy.tokenizer,
                                              "trust_remote_code": cfg.policy.trust_remote_code})
-    dpo.reference = reference
+    dpo.reference.path = reference
     dpo.data.train = str(d / "pairs.jsonl")
     dpo.train.output_dir = str(d / "dpo")
     dpo.train.seed = cfg.seed
@@ -233,6 +235,17 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
 
 
 # --------------------------------------------------------------------------- bookkeeping
+
+
+def _refuse_owned_keys(cfg: LoopConfig) -> None:
+    """Keys the loop sets itself (each iteration's policy, files and folders) are refused, not
+    silently overwritten."""
+    owned = [k for k, v in flatten(LoopConfig().model_dump(mode="json")).items() if v == SET]
+    given = flatten(cfg.model_dump(mode="json"))
+    set_by_user = [k for k in owned if given.get(k) != SET]
+    if set_by_user:
+        raise UserError(f"{', '.join(set_by_user)}: set by the loop for each iteration (the policy is policy.path, "
+                        "the prompts prompts.source, the folders out); leave them unset")
 
 
 def _check_config(cfg: LoopConfig, path: Path) -> None:
@@ -263,8 +276,6 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def _fmt(v, spec: str = ".3f") -> str:

@@ -79,11 +79,14 @@ def build_pairs(rollouts, cfg: SelectConfig) -> tuple[list[dict], dict[str, int]
             stats["dropped_ties"] += 1
             continue
         c, r = picked
+        if ro.responses[c] == ro.responses[r]:  # equal texts scored apart (a PM's order) teach nothing
+            stats["dropped_ties"] += 1
+            continue
         meta = dict(ro.meta or {})
         meta.update(chosen_reward=ro.rewards[c], rejected_reward=ro.rewards[r],
                     chosen_index=c, rejected_index=r)
         pairs.append({"id": ro.id, "prompt": ro.model_dump()["prompt"], "chosen": ro.responses[c],
-                      "rejected": ro.responses[r], "meta": meta})
+                      "rejected": ro.responses[r], "sampled": True, "meta": meta})
     stats["pairs"] = len(pairs)
     return pairs, stats
 

@@ -1,8 +1,9 @@
-"""Reward models: Bradley-Terry scoring (``bt``), the pairwise preference model (``pm``),
-PM ranking of n responses (``ranking``) and RewardBench-style evaluation (``bench``)."""
+"""Judges: the Bradley-Terry reward model (``bt``, reading text as ``encoding`` renders it),
+the pairwise preference model (``pm``) and PM ranking of n responses (``ranking``). Their
+evaluation (RewardBench, held-out pairs) is in :mod:`rlhf_workflow.evaluation.judges`."""
 
-from .bench import rewardbench_scores, subset_accuracy, summarize
-from .bt import ensure_pad_token, load_reward_model, read_pairs, score
+from .bt import load_reward_model, score
+from .encoding import ensure_pad_token
 from .pm import compare, label_token_ids, load_preference_model
 from .ranking import Ranking, rank, rank_with_pm
 
@@ -15,9 +16,5 @@ __all__ = [
     "load_reward_model",
     "rank",
     "rank_with_pm",
-    "read_pairs",
-    "rewardbench_scores",
     "score",
-    "subset_accuracy",
-    "summarize",
 ]

@@ -16,8 +16,8 @@ their start (their ends, where answers usually are, stay visible); such pairs ar
 
 from __future__ import annotations
 
-import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,26 +27,21 @@ from pydantic import Field
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.chat import encode_prompt, render
 from ..data.pairs import CHARS_PER_TOKEN
+from ..data.readers import PairRow, fmt_counts, read_pairs, split_held_out
 from ..distributed import device as distributed_device
 from ..distributed import run_batched, to_device
 from ..errors import UserError
-from ..models.loading import load_model, load_tokenizer
-from ..training.loop import StepOutput, TrainData, start_run, train
-from .bt import (
-    PairDataConfig,
-    PairRow,
-    _fmt_counts,
-    _prompt_text,
-    read_pairs,
-    split_held_out,
-    write_eval,
-)
+from ..models.loading import load_model, load_tokenizer, pad_id
+from ..training.checkpoints import start_run
+from ..training.loop import StepOutput, TrainData, train
+from .bt import PairDataConfig, write_eval
+from .encoding import prompt_text
 
 LABELS = ("A", "B")
 TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b}"
 
 
-class PMTrainConfig(Config):
+class PMConfig(Config):
     model: ModelConfig = ModelConfig(path="meta-llama/Meta-Llama-3-8B-Instruct")
     data: PairDataConfig = PairDataConfig(max_length=3072)
     optim: OptimConfig = OptimConfig(lr=5e-6, warmup_ratio=0.03)
@@ -85,7 +80,7 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
 
 def pm_messages(prompt: list[dict], a: str, b: str) -> list[dict]:
     """The one user turn the PM reads (a multi-turn context is flattened as ``role: text``)."""
-    return [{"role": "user", "content": TEMPLATE.format(context=_prompt_text(prompt), a=a, b=b)}]
+    return [{"role": "user", "content": TEMPLATE.format(context=prompt_text(prompt), a=a, b=b)}]
 
 
 def encode_comparison(
@@ -105,7 +100,7 @@ def encode_comparison(
     if len(ids) <= limit:
         return ids, False
     tok = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    ctx, ta, tb = tok(_prompt_text(prompt)), tok(a), tok(b)
+    ctx, ta, tb = tok(prompt_text(prompt)), tok(a), tok(b)
     budget = limit - (len(ids) - len(ctx) - len(ta) - len(tb))
     for _ in range(4):  # re-tokenising cut text can shift a few tokens: retry with less room
         if whole_responses and budget - len(ta) - len(tb) < 1:
@@ -175,24 +170,20 @@ def make_objective(label_ids: tuple[int, int]):
 # --------------------------------------------------------------------------- inference
 
 
-def compare(
-    model,
-    tokenizer,
-    items: list[tuple[list[dict], str, str]],
-    batch_size: int = 32,
-    max_length: int = 3072,
-    progress: bool = False,
-) -> list[float]:
+@dataclass(frozen=True)
+class Comparisons:
+    probs: list[float]  # order-averaged P(a better than b), one per item
+    first: list[float]  # raw P(answer A) per row: (a, b) then (b, a) for each item
+    truncated: int  # items whose comparison had to be cut to max_length
+
+
+def compare(model, tokenizer, items: list[tuple[list[dict], str, str]], batch_size: int = 32,
+            max_length: int = 3072, progress: bool = False, shard: bool = False) -> Comparisons:
     """``P(a better than b)`` for each (prompt messages, a, b), averaged over both orders.
 
-    Two model rows per item, run in length-sorted batches; the result keeps the input order.
+    Two model rows per item, run in length-sorted batches (with ``shard``, shared out over the
+    ranks); the results keep the input order.
     """
-    return _compare(model, tokenizer, items, batch_size, max_length, progress)[0]
-
-
-def _compare(model, tokenizer, items, batch_size, max_length, progress=False, shard=False):
-    """(order-averaged ``P(a > b)`` per item, raw ``P(A)`` per row (both orders, interleaved),
-    number of truncated items)."""
     label_ids = list(label_token_ids(tokenizer))
     seqs, truncated = [], 0
     for prompt, a, b in items:
@@ -202,8 +193,8 @@ def _compare(model, tokenizer, items, batch_size, max_length, progress=False, sh
         )
         seqs += [ab, ba]
         truncated += t1 or t2
-    p = first_position_probs(model, seqs, label_ids, _pad_id(tokenizer), batch_size, progress, shard)
-    return [0.5 * (p[2 * i] + 1.0 - p[2 * i + 1]) for i in range(len(items))], p, truncated
+    p = first_position_probs(model, seqs, label_ids, pad_id(tokenizer), batch_size, progress, shard)
+    return Comparisons([0.5 * (p[2 * i] + 1.0 - p[2 * i + 1]) for i in range(len(items))], p, truncated)
 
 
 def first_position_probs(
@@ -227,13 +218,10 @@ def first_position_probs(
                        "compare" if progress else None).tolist()
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def load_preference_model(path: str | Path, dtype: str = "fp32", device: str | None = None):
-    """(model, tokenizer) of a saved PM in eval mode; checks the label tokens."""
-    spec = ModelConfig(path=str(path), dtype=dtype)
+def load_preference_model(spec: ModelConfig | str | Path, dtype: str = "fp32", device=None):
+    """(model, tokenizer) of a trained PM (a model spec, or a path loaded in ``dtype``) in eval
+    mode on ``device`` (default: this process's device); checks the label tokens."""
+    spec = spec if isinstance(spec, ModelConfig) else ModelConfig(path=str(spec), dtype=dtype)
     tokenizer = load_tokenizer(spec)
     label_token_ids(tokenizer)
     return load_model(spec).to(device or distributed_device()).eval(), tokenizer
@@ -242,7 +230,7 @@ def load_preference_model(path: str | Path, dtype: str = "fp32", device: str | N
 # --------------------------------------------------------------------------- pm train
 
 
-def run_pm_train(cfg: PMTrainConfig, on_step=None) -> Path:
+def run_pm_train(cfg: PMConfig, on_step=None) -> Path:
     """Train a PM; writes ``<output_dir>/model`` and ``<output_dir>/eval.json``."""
     out = Path(cfg.train.output_dir)
     if start_run(cfg, cfg.train) is not None:
@@ -263,24 +251,23 @@ def run_pm_train(cfg: PMTrainConfig, on_step=None) -> Path:
     print(
         f"pm: {len(seqs)} training comparisons ({sum(x == label_ids[0] for x in labels)} with "
         f"the chosen response as A), {len(test_rows)} held out; truncated {n_trunc}, skipped "
-        f"{n_long} over-long" + (f", skipped invalid: {_fmt_counts(bad)}" if bad else "")
+        f"{n_long} over-long" + (f", skipped invalid: {fmt_counts(bad)}" if bad else "")
     )
 
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
 
     def collate(batch_rows: list[list[int]]) -> dict:
         idx = [r[0] for r in batch_rows]
-        return collate_comparisons([seqs[i] for i in idx], pad_id, [labels[i] for i in idx])
+        return collate_comparisons([seqs[i] for i in idx], pad, [labels[i] for i in idx])
 
     def evaluate(m) -> dict[str, float]:
-        return (
-            evaluate_pm(m, tokenizer, test_rows, d.max_length, cfg.eval_batch_size)
-            if test_rows
-            else {}
-        )
+        from ..evaluation.judges import evaluate_pm
+
+        return evaluate_pm(m, tokenizer, test_rows, d.max_length, cfg.eval_batch_size) if test_rows else {}
 
     model = load_model(cfg.model)
     data = TrainData([len(s) for s in seqs], collate)
+
     def finish(record: dict) -> None:
         result = {"train_pairs": len(seqs), "held_out_pairs": len(test_rows), "truncated": n_trunc,
                   "skipped_long": n_long, "skipped_invalid": dict(bad),
@@ -318,33 +305,3 @@ def build_comparisons(
         seqs.append(ids)
         labels.append(label_ids[0 if chosen_first else 1])
     return seqs, labels, n_trunc, n_long
-
-
-def evaluate_pm(
-    model, tokenizer, rows: list[PairRow], max_length: int, batch_size: int = 32
-) -> dict[str, float]:
-    """Held-out loss and accuracy (ties half) overall and per subset, plus the mean ``P(A)``
-    over both orders (``p_first``: 0.5 for a model without position bias)."""
-    was_training = model.training
-    items = []
-    for row in rows:
-        prompt, chosen, rejected = row.pair.conversations()
-        items.append((prompt, chosen[-1]["content"], rejected[-1]["content"]))
-    probs, p, _ = _compare(model, tokenizer, items, batch_size, max_length, shard=True)
-    model.train(was_training)
-    probs = torch.tensor(probs)
-    wins = ((probs > 0.5).float() + 0.5 * (probs == 0.5).float()).double()
-    # loss: two-way label cross-entropy, chosen shown first (answer A) and second (answer B)
-    nll = [
-        -math.log(max(p[2 * i], 1e-12)) - math.log(max(1 - p[2 * i + 1], 1e-12))
-        for i in range(len(rows))
-    ]
-    result = {
-        "loss": sum(nll) / (2 * len(rows)),
-        "accuracy": wins.mean().item(),
-        "p_first": sum(p) / len(p),
-    }
-    subsets = [row.pair.subset for row in rows]
-    for s in sorted({s for s in subsets if s}):
-        result[f"accuracy/{s}"] = wins[torch.tensor([x == s for x in subsets])].mean().item()
-    return result

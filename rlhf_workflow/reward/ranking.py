@@ -102,7 +102,7 @@ def rank_with_pm(
             batch_size,
             max_length,
             progress,
-        )
+        ).probs
 
     return rank(compare, [len(r) for r in responses], mode)
 

@@ -165,7 +165,7 @@ def corpus(seed: int = 0) -> list[str]:
 
 
 class MakeDataConfig(Config):
-    """``rlhf sandbox-data``: write the sandbox's prompts, SFT data and preference pairs."""
+    """``rlhf sandbox make-data``: write the sandbox's prompts, SFT data and preference pairs."""
 
     out: str = Field("runs/sandbox-data", description="folder the data files are written to")
     seed: int = Field(0, description="base seed; each file uses its own seed derived from it")

@@ -35,10 +35,12 @@ from ..distributed import barrier
 from ..errors import UserError
 from ..faults import point
 from ..losses import DPOLoss, dpo_loss, rpo_nll
-from ..models.loading import load_model, load_tokenizer
+from ..models.loading import load_model, load_tokenizer, pad_id
+from ..models.logprobs import response_logps
 from . import reference as ref_cache
+from .checkpoints import start_run
 from .engine import inference_precision, resolve_precision, resolve_strategy, setup_for
-from .loop import Objective, StepOutput, TrainData, start_run, train
+from .loop import Objective, StepOutput, TrainData, train
 
 
 class DPODataConfig(PairLimits):
@@ -53,9 +55,10 @@ class DPODataConfig(PairLimits):
         "non-string content): fail, or skip and count")
 
 
-class DPOLossConfig(Config):
-    loss: DPOLoss = Field(DPOLoss.SIGMOID, description="sigmoid (DPO), ipo, hinge (RSO/SLiC) or simpo")
-    beta: float = Field(0.1, gt=0, description="KL strength beta (IPO's tau; SimPO's reward scale)")
+class LossConfig(Config):
+    kind: DPOLoss = Field(DPOLoss.SIGMOID, description="sigmoid (DPO), ipo, hinge (RSO/SLiC) or simpo")
+    beta: float | None = Field(
+        None, gt=0, description="KL strength beta (IPO's tau; SimPO's reward scale); None: 0.1, for simpo 2.0")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-flip rate (sigmoid only)"
     )
@@ -64,13 +67,23 @@ class DPOLossConfig(Config):
     average_logps: bool | None = Field(
         None, description="average log-probs over response tokens (None: summed, but averaged for ipo/simpo)"
     )
-    reference_batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
 
     @model_validator(mode="after")
-    def _smoothing_is_for_sigmoid(self) -> DPOLossConfig:
-        if self.label_smoothing and self.loss is not DPOLoss.SIGMOID:
-            raise ValueError(f"label_smoothing applies to the sigmoid loss only (loss is {self.loss.value})")
+    def _smoothing_is_for_sigmoid(self) -> LossConfig:
+        if self.label_smoothing and self.kind is not DPOLoss.SIGMOID:
+            raise ValueError(f"label_smoothing applies to the sigmoid loss only (kind is {self.kind.value})")
         return self
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.kind.default_beta if self.beta is None else self.beta
+
+
+class ReferenceConfig(Config):
+    path: str | None = Field(
+        None, description="reference checkpoint (the online loop sets it: the SFT model or the previous "
+        "policy); None = the starting policy itself (with LoRA: the base model)")
+    batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
 
 
 class LoRAConfig(Config):
@@ -82,24 +95,21 @@ class LoRAConfig(Config):
 
 class DPOConfig(Config):
     model: ModelConfig = ModelConfig(path="runs/sft/model")
-    reference: str | None = Field(
-        None, description="reference checkpoint (the online loop passes the SFT model); "
-        "None = the starting policy itself (with LoRA: the base model)"
-    )
+    reference: ReferenceConfig = ReferenceConfig()
     data: DPODataConfig = DPODataConfig()
-    dpo: DPOLossConfig = DPOLossConfig()
+    loss: LossConfig = LossConfig()
     lora: LoRAConfig = LoRAConfig()
     optim: OptimConfig = OptimConfig(lr=5e-7, warmup_ratio=0.03)
     train: TrainConfig = TrainConfig(output_dir="runs/dpo", epochs=2, global_batch_size=128, micro_batch_size=8)
 
 
-def dpo_objective(cfg: DPOLossConfig) -> Objective:
+def dpo_objective(cfg: LossConfig) -> Objective:
     """Loss of a micro-batch of N pairs: one forward over 2N rows (chosen first)."""
-    kind = cfg.loss
+    kind = cfg.kind
     average = kind.averages_logps if cfg.average_logps is None else cfg.average_logps
 
     def objective(model, batch: dict) -> StepOutput:
-        sums = ref_cache.response_logps(model, batch)  # (2N,), one forward pass
+        sums = response_logps(model, batch)  # (2N,), one forward pass
         counts = per_response((batch["targets"] != IGNORE).float(), batch).clamp(min=1)
         avgs = sums / counts
         logps = avgs if average else sums
@@ -110,7 +120,7 @@ def dpo_objective(cfg: DPOLossConfig) -> Objective:
             ref_c, ref_r = ref[:, 0], ref[:, 1]
             if average:
                 ref_c, ref_r = ref_c / counts[: len(ref)], ref_r / counts[len(ref) :]
-        losses, rc, rr = dpo_loss(kind, chosen, rejected, ref_c, ref_r, cfg.beta,
+        losses, rc, rr = dpo_loss(kind, chosen, rejected, ref_c, ref_r, cfg.resolved_beta,
                                   cfg.label_smoothing, cfg.gamma)
         sum_c, sum_r = sums.detach().chunk(2)
         metrics = {
@@ -132,7 +142,7 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     out = Path(cfg.train.output_dir)
     if start_run(cfg, cfg.train) is not None:
         return out / "model"
-    kind = cfg.dpo.loss
+    kind = cfg.loss.kind
     tokenizer = load_tokenizer(cfg.model)
     records = read_records(cfg.data.train, PreferencePair, cfg.data.split, cfg.data.on_bad)
     pairs, too_long = [], 0
@@ -148,43 +158,44 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
         raise UserError(f"{cfg.data.train}: no pair fits in data.max_length={cfg.data.max_length} tokens")
     shared = cfg.data.share_prompt and not (cfg.model.attn_implementation or "").startswith("flash")
     print(f"dpo: {len(pairs)} pairs ({sum(p.truncated for p in pairs)} with the prompt cut, {too_long} skipped: "
-          f"a response longer than max_length {cfg.data.max_length}), loss {kind.value}, beta {cfg.dpo.beta}, "
+          f"a response longer than max_length {cfg.data.max_length}), loss {kind.value}, beta {cfg.loss.resolved_beta}, "
           + ("one row per pair (prompt shared)" if shared else "two rows per pair"))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
 
     ref = policy = None
     if kind.needs_reference:
-        ref, policy = reference_logps(cfg, pairs, pad_id, out, shared)
-    elif cfg.reference is not None:
-        print(f"dpo: loss {kind.value} is reference-free; reference {cfg.reference} is not used")
+        ref, policy = reference_logps(cfg, pairs, pad, out, shared)
+    elif cfg.reference.path is not None:
+        print(f"dpo: loss {kind.value} is reference-free; reference {cfg.reference.path} is not used")
 
     def collate(rows: list[list[int]]) -> dict:
         idx = [row[0] for row in rows]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id, shared)
+        batch = collate_pairs([pairs[i] for i in idx], pad, shared)
         if ref is not None:
             batch["ref_logps"] = ref[idx]
         return batch
 
     lengths = [p.shared_len() if shared else max(len(p.chosen.input_ids), len(p.rejected.input_ids))
                for p in pairs]
-    train(policy or _load_policy(cfg), tokenizer, TrainData(lengths, collate), dpo_objective(cfg.dpo), cfg.train,
+    train(policy or _load_policy(cfg), tokenizer, TrainData(lengths, collate), dpo_objective(cfg.loss), cfg.train,
           cfg.optim, on_step=on_step, run_config=cfg)
     return out / "model"
 
 
-def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out: Path, shared: bool):
+def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: Path, shared: bool):
     """(reference log-probs (N, 2), the policy if it was loaded for the pass, else None).
 
     Read from the cache, or computed once with every rank taking its share of the batches,
     in the precision training computes in (so the first loss is log 2 when the reference is
-    the starting policy). The reference is ``cfg.reference``, or the starting policy
+    the starting policy). The reference is ``reference.path``, or the starting policy
     (``reference`` None or the same folder as ``model.path``), which is then run by the
     policy itself before it trains (with LoRA: adapters disabled), so its weights are loaded
     once; unless training computes on bf16 copies of the weights (FSDP/ZeRO with bf16),
     which the pass then loads as such.
     """
-    separate = cfg.reference is not None and not _same_path(cfg.reference, cfg.model.path)
-    source = cfg.reference if separate else cfg.model.path
+    path = cfg.reference.path
+    separate = path is not None and not _same_path(path, cfg.model.path)
+    source = path if separate else cfg.model.path
     rank, world, device = setup_for(cfg.train)
     strategy = resolve_strategy(cfg.train.strategy, world)
     precision = resolve_precision(cfg.train.mixed_precision, device)
@@ -209,7 +220,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad_id: int, out
         raise UserError(f"reference {source}: its vocabulary is smaller than the tokenizer's "
                         f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
     logps = ref_cache.compute_reference_logps(
-        model.to(device), pairs, pad_id, cfg.dpo.reference_batch_size, autocast, cfg.train.progress, shared)
+        model.to(device), pairs, pad, cfg.reference.batch_size, autocast, cfg.train.progress, shared)
     point("reference")
     if rank == 0:
         ref_cache.save_cache(path, key, logps, source)

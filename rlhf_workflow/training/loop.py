@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -33,19 +32,17 @@ from itertools import accumulate
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..config import Config, OptimConfig, TrainConfig, save_config
+from ..config import Config, OptimConfig, TrainConfig, flatten
 from ..data.batching import plan_batches
 from ..distributed import all_sum, barrier, to_device
 from ..errors import UserError
-from ..faults import point
-from ..io import remove_stale_temporaries, write_json
-from ..manifest import write_manifest
+from ..io import write_json
 from ..models.loading import save_model as save_hf_model
+from .checkpoints import checkpoints, resume, save_checkpoint, truncate_metrics
 from .engine import Engine, resolve_precision, resolve_strategy, setup_for
 
 
@@ -186,7 +183,7 @@ def train(
               else eng.precision if eng.precision != "no" else "fp32", "processes": world,
               "global_batch_size": cfg.global_batch_size, "micro_batch_size": micro, "grad_accum": accum,
               "optimizer_steps": total, "warmup_steps": warmup}
-    start = _resume(eng, out, scheduler, cfg.keep_checkpoints)
+    start = resume(eng, out, scheduler)
     if eng.is_main:
         write_json(out / "train_plan.json", layout)
         print(f"train {out.name}: {eng.strategy} on {world} process(es), {layout['precision']}; global "
@@ -196,7 +193,7 @@ def train(
             print(f"warning: only {total} optimizer step(s): with {len(data.lengths)} examples and a global "
                   f"batch of {cfg.global_batch_size} the schedule barely starts; lower "
                   "train.global_batch_size or raise train.epochs")
-        _truncate_metrics(out / "metrics.jsonl", start)
+        truncate_metrics(out / "metrics.jsonl", start)
     trackers = _trackers(cfg, out, run_config) if eng.is_main else []
 
     record: dict[str, float] = {}
@@ -255,7 +252,7 @@ def train(
             bar.update(1)
             stopping = reduced[-1] > 0 and not done
             if not done and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or reduced[-2] > 0 or stopping):
-                _save_checkpoint(eng, out, step + 1, cfg.keep_checkpoints)
+                save_checkpoint(eng, out, step + 1, cfg.keep_checkpoints)
                 last_save = time.monotonic()
             if stopping:
                 raise KeyboardInterrupt(f"stopped at step {step + 1} of {total}, checkpoint saved")
@@ -304,7 +301,7 @@ def _nonfinite(cfg: TrainConfig, out: Path, step: int, loss: float, grad_norm: f
     far are kept), or with ``train.on_nonfinite=skip`` count it and go on."""
     what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
     if cfg.on_nonfinite == "error":
-        last = _checkpoints(out)[-1][1].name if _checkpoints(out) else "none yet"
+        last = checkpoints(out)[-1][1].name if checkpoints(out) else "none yet"
         raise UserError(f"{what}: the weights were not updated and training stopped (last checkpoint: "
                         f"{last}); lower optim.lr, check the data, or set train.on_nonfinite=skip")
     print(f"warning: {what}: step skipped", file=sys.stderr)
@@ -350,136 +347,6 @@ def _trackers(cfg: TrainConfig, out: Path, run_config: Config | None) -> list:
         if hasattr(tracker, "start"):
             tracker.start()
         if run_config is not None:
-            tracker.store_init_configuration(_flat(run_config.model_dump(mode="json")))
+            tracker.store_init_configuration(flatten(run_config.model_dump(mode="json")))
         made.append(tracker)
     return made
-
-
-# --------------------------------------------------------------------------- run folders
-
-# Settings that do not change what a run computes (memory, logging, checkpoint cadence):
-# changing them between a crash and the re-run is fine.
-RESUMABLE = ("train.progress", "train.log_every", "train.report_to", "train.save_every", "train.save_minutes",
-             "train.keep_checkpoints", "train.resume", "train.timeout_minutes", "train.strategy",
-             "train.micro_batch_size", "train.activation_checkpointing", "train.eval_every",
-             "eval_batch_size", "dpo.reference_batch_size")
-
-
-def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:
-    """Prepare ``output_dir`` for a stage: refuse to resume a run that started with other
-    settings (unless ``train.resume=force``), clear it with ``train.resume=restart``, save
-    ``config.yaml``. Returns the result of an already finished run with the same settings."""
-    out = Path(train_cfg.output_dir)
-    rank, _, _ = setup_for(train_cfg)
-    saved = out / "config.yaml"
-    started = _checkpoints(out) or (out / "train_result.json").exists()
-    old = yaml.safe_load(saved.read_text()) if saved.exists() else None
-    diff = _diff(old, cfg.model_dump(mode="json")) if started and old is not None else []
-    barrier()  # every rank has read the old config before the main one writes the new one
-    mode = train_cfg.resume
-    if diff and mode == "auto":
-        shown = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, a, b in diff[:10])
-        more = f" and {len(diff) - 10} more" if len(diff) > 10 else ""
-        raise UserError(f"{out} holds a run started with other settings: {shown}{more}; re-run with "
-                        "train.resume=force to continue it with the new settings, or train.resume=restart "
-                        "to start over")
-    if mode != "restart" and not diff and (out / "train_result.json").exists() and (out / "model").exists():
-        print(f"{out}: already trained with these settings; nothing to do (train.resume=restart retrains)")
-        return json.loads((out / "train_result.json").read_text())
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        if mode == "restart":
-            for name in ("checkpoints", "model", "adapter"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "train_result.json"):
-                (out / name).unlink(missing_ok=True)
-        save_config(cfg, saved)
-        write_manifest(out, cfg)
-    barrier()
-    return None
-
-
-def _diff(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in sorted(old.keys() | new.keys())
-                for d in _diff(old.get(key), new.get(key), f"{prefix}{key}.")]
-    key = prefix.rstrip(".")
-    return [] if old == new or key in RESUMABLE else [(key, old, new)]
-
-
-def _short(v) -> str:
-    s = json.dumps(v)
-    return s if len(s) <= 40 else s[:37] + "..."
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in (out / "checkpoints").glob("step-*"):
-        step = p.name[5:]
-        if step.isdigit() and (p / "state.json").exists():
-            found.append((int(step), p))
-    return sorted(found)
-
-
-def _save_checkpoint(eng: Engine, out: Path, step: int, keep: int) -> None:
-    """Every rank writes its shard into ``step-N.tmp``; the main process then marks it
-    complete (``state.json``), renames it into place and drops old checkpoints."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    barrier()
-    if eng.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    eng.save_state(tmp)
-    point("checkpoint")
-    barrier()
-    if eng.is_main:
-        write_json(tmp / "state.json", {"step": step, "format": eng.checkpoint_format,
-                                        "strategy": eng.strategy, "processes": eng.world})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for _, old in _checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-    barrier()
-
-
-def _resume(eng: Engine, out: Path, scheduler, keep: int) -> int:
-    """Load the newest complete checkpoint (stale temporary ones are removed); its step."""
-    if eng.is_main:
-        for stale in (out / "checkpoints").glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    barrier()
-    ckpts = _checkpoints(out)
-    if not ckpts:
-        return 0
-    step, path = ckpts[-1]
-    state = json.loads((path / "state.json").read_text())
-    eng.load_state(path, state.get("format", "dcp"))
-    scheduler.last_epoch = step - 1  # the schedule is a function of the step: recompute it there
-    scheduler.step()
-    return step
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step, so a resumed run never duplicates a line."""
-    if not path.exists():
-        return
-    lines = [x for x in path.read_text().split("\n") if x]  # JSON Lines: split on \n only
-    keep = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested config -> {"optim.lr": 1e-5, ...} of scalars, as trackers want it."""
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return flat

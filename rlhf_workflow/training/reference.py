@@ -19,13 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from ..data.batching import attention_mask
-from ..data.chat import IGNORE
-from ..data.pairs import TokenizedPair, collate_pairs, per_response
+from ..data.pairs import TokenizedPair, collate_pairs
 from ..distributed import run_batched, to_device
 from ..io import atomic_open
-from ..models.loading import param_dtype
-from ..models.logprobs import target_logps
+from ..models.logprobs import response_logps
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -52,21 +49,6 @@ def cache_key(identity: dict, dtype: str, pairs: list[TokenizedPair]) -> str:
             h.update(bytes(tok.loss_mask))
             h.update(b"|")
     return h.hexdigest()
-
-
-def response_logps(model, batch: dict) -> torch.Tensor:
-    """Summed response log-probs of a padded batch: one per row, or per response in the
-    shared-prompt layout (chosen first), i.e. (2N,) for a batch of N pairs.
-
-    Hidden states are kept only from the first response position on, and the LM head runs
-    only at response tokens (:func:`..models.logprobs.target_logps`).
-    """
-    seq_ids, targets, branch = batch["seq_ids"], batch["targets"], batch.get("branch")
-    has_target = (targets != IGNORE).any(0)
-    start = int(has_target.nonzero()[0]) if has_target.any() else 0
-    mask = attention_mask(seq_ids, branch is not None, param_dtype(model), branch)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
-    return per_response(target_logps(model, inputs, targets[:, start:]), batch)
 
 
 def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,

@@ -18,9 +18,10 @@ from ..data.chat import IGNORE, tokenize_conversation
 from ..data.readers import read_records
 from ..data.records import SFTExample
 from ..errors import UserError
-from ..models.loading import load_model, load_tokenizer, param_dtype, uses_flash_attention
+from ..models.loading import load_model, load_tokenizer, pad_id, param_dtype, uses_flash_attention
 from ..models.logprobs import target_logps
-from .loop import StepOutput, TrainData, start_run, train
+from .checkpoints import start_run
+from .loop import StepOutput, TrainData, train
 
 
 class SFTDataConfig(Config):
@@ -77,10 +78,10 @@ def run_sft(cfg: SFTConfig, on_step=None) -> Path:
         raise UserError(f"{cfg.data.train}: no example keeps an assistant token within max_length")
     print(f"sft: {len(seqs)} conversations ({dropped} dropped: no assistant token within "
           f"max_length {cfg.data.max_length})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
 
     def collate(rows: list[list[int]]) -> dict:
-        batch = collate_rows([[seqs[i] for i in row] for row in rows], pad_id)
+        batch = collate_rows([[seqs[i] for i in row] for row in rows], pad)
         batch["num_items"] = int((batch["targets"] != IGNORE).sum())
         batch["num_tokens"] = int((batch["seq_ids"] > 0).sum())
         return batch

@@ -6,7 +6,7 @@ import pytest
 from rlhf_workflow.cli import main
 from rlhf_workflow.data.records import Prompt
 from rlhf_workflow.evaluation.policy import default_out, gold_metrics
-from rlhf_workflow.generation.hf import Sample
+from rlhf_workflow.generation.sampling import Sample
 from rlhf_workflow.sandbox import gold_reward, parse_answer
 
 

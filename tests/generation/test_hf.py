@@ -1,7 +1,8 @@
 import pytest
 
 from rlhf_workflow.config import ModelConfig
-from rlhf_workflow.generation.hf import SamplingConfig, _sample, generate_hf
+from rlhf_workflow.generation.hf import _sample, generate_hf
+from rlhf_workflow.generation.sampling import SamplingConfig
 from rlhf_workflow.models.loading import load_model, load_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "What is 3 + 5?"}],

@@ -6,7 +6,8 @@ from rlhf_workflow.cli import main
 from rlhf_workflow.config import ModelConfig
 from rlhf_workflow.data.readers import read_records
 from rlhf_workflow.data.records import Prompt, Rollout
-from rlhf_workflow.generation.hf import SamplingConfig, generate_hf
+from rlhf_workflow.generation.hf import generate_hf
+from rlhf_workflow.generation.sampling import SamplingConfig
 from rlhf_workflow.models.loading import load_model, load_tokenizer
 from rlhf_workflow.models.tiny import InitModelConfig, init_model
 

@@ -159,7 +159,7 @@ def test_bad_head_counts_rejected():
         InitModelConfig(hidden_size=130)
     with pytest.raises(ValidationError, match="must be divisible by num_kv_heads"):
         InitModelConfig(num_heads=4, num_kv_heads=3)
-    with pytest.raises(UserError, match="num_heads.*divisible"):
+    with pytest.raises(UserError, match=r"config: hidden_size \(130\) must be divisible by num_heads \(4\)"):
         load_config(InitModelConfig, overrides=["hidden_size=130"])
     InitModelConfig(hidden_size=96, num_heads=6, num_kv_heads=3)
 

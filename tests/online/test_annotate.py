@@ -8,6 +8,7 @@ from rlhf_workflow.data.readers import read_records
 from rlhf_workflow.data.records import Rollout
 from rlhf_workflow.io import write_jsonl
 from rlhf_workflow.reward.bt import load_reward_model, score
+from rlhf_workflow.reward.pm import compare, load_preference_model
 
 ROLLOUTS = [
     {"id": f"r{i}", "prompt": f"What is {i} + 1?", "meta": {"skill": "add", "answer": str(i + 1)},
@@ -27,7 +28,7 @@ def rollouts(tmp_path):
 def test_bt_annotate_cli_matches_direct_scores_and_penalises_truncation(rollouts, trained_rm, tmp_path):
     out = tmp_path / "scored.jsonl"
     assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={trained_rm}",
-                 "annotator.dtype=fp32", "annotator.truncation_penalty=0.5", "chunk_size=3"]) == 0
+                 "annotator.truncation_penalty=0.5", "chunk_size=3"]) == 0  # (the judge's default dtype: fp32)
     scored = read_records(out, Rollout)
     assert [s.id for s in scored] == [r["id"] for r in ROLLOUTS] and scored[0].meta["skill"] == "add"
     model, tok = load_reward_model(trained_rm, "fp32")
@@ -38,30 +39,31 @@ def test_bt_annotate_cli_matches_direct_scores_and_penalises_truncation(rollouts
     assert got == pytest.approx([d - p for d, p in zip(direct, penalty, strict=True)], abs=1e-5)
 
 
-def test_bt_annotate_by_default_gives_the_rewards_of_rm_score(rollouts, trained_rm, tmp_path):
-    """A judge scores in fp32 unless told otherwise, as `rlhf rm score` does: the same rollouts
-    get the same rewards from both commands (in bf16 close responses swap places)."""
-    scored, annotated = tmp_path / "scored.jsonl", tmp_path / "annotated.jsonl"
-    assert main(["rm", "score", f"model.path={trained_rm}", f"input={rollouts}", f"out={scored}",
-                 "progress=false"]) == 0
-    assert main(["annotate", f"input={rollouts}", f"out={annotated}", f"annotator.path={trained_rm}",
-                 "annotator.kind=bt"]) == 0
-    by_rm_score = [x for r in read_records(scored, Rollout) for x in r.rewards]
-    by_annotate = [x for r in read_records(annotated, Rollout) for x in r.rewards]
-    assert by_annotate == pytest.approx(by_rm_score, abs=1e-6)
-    assert len(set(by_rm_score)) > 1
-
-
-def test_pm_annotate_ranks_every_response(rollouts, trained_pm, tmp_path):
+def test_pm_annotate_ranks_every_response_as_its_comparisons_say(rollouts, trained_pm, tmp_path):
+    """The scores follow from the PM's own order-averaged comparisons, computed here directly:
+    round robin = mean P(win) over the other three; tournament = the knockout's champion first
+    and the losers' bracket's last one worst."""
+    model, tok = load_preference_model(trained_pm)
     for mode in ("tournament", "round_robin"):
         out = tmp_path / f"scored-{mode}.jsonl"
         assert main(["annotate", "--in", str(rollouts), "--out", str(out), f"annotator.path={trained_pm}",
-                     "annotator.kind=pm", f"annotator.pm_mode={mode}", "annotator.dtype=fp32"]) == 0
-        scored = read_records(out, Rollout)
-        for s in scored:
-            assert len(s.rewards) == 4
-            best, worst = max(s.rewards), min(s.rewards)
-            assert s.rewards.count(best) == 1 and s.rewards.count(worst) == 1  # a max_min pair exists
+                     "annotator.kind=pm", f"annotator.pm_mode={mode}"]) == 0
+        for s in read_records(out, Rollout):
+            p = {(i, j): q for (i, j), q in zip(
+                [(i, j) for i in range(4) for j in range(i + 1, 4)],
+                compare(model, tok, [(s.messages(), s.responses[i], s.responses[j])
+                                     for i in range(4) for j in range(i + 1, 4)]).probs, strict=True)}
+            if mode == "round_robin":
+                expected = [sum(p[(i, j)] if i < j else 1 - p[(j, i)] for j in range(4) if j != i) / 3
+                            for i in range(4)]
+                assert s.rewards == pytest.approx(expected, abs=1e-6)
+                continue
+            first = lambda i, j, p=p: p[(i, j)] >= 0.5  # noqa: E731  (P = 0.5 goes to the first of the two)
+            w1, l1 = (0, 1) if first(0, 1) else (1, 0)
+            w2, l2 = (2, 3) if first(2, 3) else (3, 2)
+            champion = w1 if first(w1, w2) else w2
+            worst = l2 if first(l1, l2) else l1
+            assert s.rewards.index(max(s.rewards)) == champion and s.rewards.index(min(s.rewards)) == worst
 
 
 def test_two_processes_give_the_same_scores(rollouts, trained_rm, tmp_path):

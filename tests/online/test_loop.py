@@ -1,7 +1,6 @@
 """`rlhf loop` end to end on tiny models: files, resume after failures, config changes, prompt slices."""
 
 import json
-import math
 import sys
 import tracemalloc
 
@@ -9,9 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_workflow.config import load_config
+from rlhf_workflow.config import ModelConfig, load_config
+from rlhf_workflow.data.readers import read_records
+from rlhf_workflow.data.records import Prompt
 from rlhf_workflow.errors import UserError
+from rlhf_workflow.evaluation.iteration import sample_logps
+from rlhf_workflow.generation.hf import generate_hf
+from rlhf_workflow.generation.sampling import SamplingConfig
 from rlhf_workflow.io import write_jsonl
+from rlhf_workflow.models.loading import load_model, load_tokenizer
 from rlhf_workflow.online import generate as generate_module
 from rlhf_workflow.online.loop import LoopConfig, _slice_prompts, run_loop
 
@@ -31,7 +36,7 @@ def full_run(loop_cfg, tmp_path_factory):
     return out, summary
 
 
-def test_two_iterations_end_to_end(full_run):
+def test_two_iterations_end_to_end(full_run, sandbox_data):
     out, summary = full_run
     assert [r["iteration"] for r in summary["iterations"]] == [0, 1, 2]
     for t in (1, 2):
@@ -44,14 +49,24 @@ def test_two_iterations_end_to_end(full_run):
     ids2 = set((out / "iter_2" / "prompts.jsonl").read_text().splitlines())
     assert len(ids1) == 8 and not ids1 & ids2  # fresh, disjoint prompts per iteration
     rows = summary["iterations"]
-    assert rows[0]["kl"] == pytest.approx(0, abs=1e-6) and math.isfinite(rows[2]["kl"])
+    # KL(pi_2 || pi_0) as the loop reports it: recomputed here from the two saved models, on the
+    # evaluation's own samples (its prompts, its sampling settings, the loop's seed)
+    prompts = [p.messages() for p in read_records(sandbox_data / "prompts_eval.jsonl", Prompt)[:6]]
+    policy, sft = (load_model(ModelConfig(path=rows[k]["policy"])) for k in (2, 0))
+    tok = load_tokenizer(ModelConfig(path=rows[0]["policy"]))
+    samples = generate_hf(policy, tok, prompts, SamplingConfig(n=2, max_new_tokens=10, seed=42), progress=False)
+    flat_p = [p for p, g in zip(prompts, samples, strict=True) for _ in g]
+    flat_s = [s for g in samples for s in g]
+    ratios = [a - b for a, b in zip(sample_logps(policy, tok, flat_p, flat_s), sample_logps(sft, tok, flat_p, flat_s),
+                                    strict=True)]
+    assert rows[2]["kl"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-5) and any(abs(r) > 1e-3 for r in ratios)
     assert {"gold_reward", "rm_reward", "eos_rate", "mean_tokens"} <= rows[2].keys()
     state = json.loads((out / "state.json").read_text())["completed"]
     assert len(state) == 1 + 2 * 6
     table = (out / "summary.md").read_text()
     assert table.count("\n") == 5 and "KL to SFT" in table
     cfg = (out / "iter_2" / "dpo" / "config.yaml").read_text()
-    assert f"reference: {rows[0]['policy']}" in cfg  # reference = the SFT model, written down
+    assert f"reference:\n  path: {rows[0]['policy']}" in cfg  # reference = the SFT model, written down
 
 
 def test_resume_after_failures_gives_the_same_files(full_run, loop_cfg,
@@ -104,7 +119,7 @@ def test_changed_config_on_resume_is_an_error(full_run, loop_cfg, sandbox_data):
     assert len(run_loop(same)["iterations"]) == 3
     twelve = [f"dpo.train.{k}=3" for k in ("max_steps", "eval_every", "log_every", "save_every", "keep_checkpoints",
                                            "micro_batch_size", "seed")] + [
-        "dpo.optim.lr=1e-5", "dpo.optim.eps=1e-6", "dpo.dpo.beta=0.3", "select.min_margin=0.1", "iterations=3"]
+        "dpo.optim.lr=1e-5", "dpo.optim.eps=1e-6", "dpo.loss.beta=0.3", "select.min_margin=0.1", "iterations=3"]
     with pytest.raises(UserError, match=r"12 keys differ: .* and 2 more\); use --force"):
         run_loop(loop_cfg(full, *twelve))
     forced = loop_cfg(full, "select.strategy=max_max", "force=true")

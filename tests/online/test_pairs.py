@@ -62,3 +62,22 @@ def test_build_pairs_counts_and_keeps_order(tmp_path):
 def test_unscored_rollouts_are_an_error():
     with pytest.raises(Exception, match="needs one reward per response"):
         build_pairs([Rollout(prompt="p", responses=["a", "b"])], SelectConfig())
+
+
+def test_an_empty_sampled_response_is_kept_and_equal_texts_are_dropped(tmp_path):
+    """A policy that ends its turn at once wrote an empty response: it is a pair to train
+    against (the dataset rule against empty responses does not apply to sampled pairs); two
+    equal texts scored apart teach nothing and are dropped."""
+    rows = [{"id": "a", "prompt": "p1", "responses": ["good", ""], "rewards": [0.9, -2.0]},
+            {"id": "b", "prompt": "p2", "responses": ["same", "same"], "rewards": [0.2, 0.1]}]
+    src = tmp_path / "scored.jsonl"
+    write_jsonl(src, rows)
+    pairs, stats = build_pairs(read_records(src, Rollout), SelectConfig())
+    assert stats == {"prompts": 2, "pairs": 1, "dropped_ties": 1}
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    (pair,) = read_records(tmp_path / "pairs.jsonl", PreferencePair)
+    assert (pair.chosen, pair.rejected, pair.sampled) == ("good", "", True)
+    pairs[0]["sampled"] = False  # the same row as a dataset row is a broken one
+    write_jsonl(tmp_path / "data.jsonl", pairs)
+    with pytest.raises(Exception, match="line 1: field 'rejected': must not be empty or only whitespace"):
+        read_records(tmp_path / "data.jsonl", PreferencePair)

@@ -26,7 +26,7 @@ def pairs(data, tmp_path_factory):
 
 def dpo(tier, sft_model, pairs, out, steps: int, *extra: str, batch: int = N_PAIRS):
     """``rlhf dpo``; by default every step sees all the pairs (one micro-batch)."""
-    tier.run("dpo", f"model.path={sft_model}", f"data.train={pairs}", "data.max_length=128", "dpo.beta=0.1",
+    tier.run("dpo", f"model.path={sft_model}", f"data.train={pairs}", "data.max_length=128", "loss.beta=0.1",
              *tier.train_args(out, batch, steps), *extra)
     return tier.metrics(out)
 

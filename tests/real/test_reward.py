@@ -80,19 +80,15 @@ def test_rm_eval_agrees_with_training_eval(reward_model, data, tier, tmp_path):
     assert json.loads(out.read_text())["overall"] == pytest.approx(train_eval["accuracy"])
 
 
-def test_rm_score_and_annotate_read_the_last_response_token(reward_model, varied_rollouts, plain_rm, tier,
-                                                            tmp_path):
-    scored, annotated = tmp_path / "scored.jsonl", tmp_path / "annotated.jsonl"
-    tier.run("rm", "score", f"model.path={reward_model}", f"input={varied_rollouts}", f"out={scored}",
-             "batch_size=16", "progress=false")
+def test_annotate_reads_the_last_response_token(reward_model, varied_rollouts, plain_rm, tier, tmp_path):
+    annotated = tmp_path / "annotated.jsonl"
     tier.run("annotate", f"input={varied_rollouts}", f"out={annotated}", f"annotator.path={reward_model}",
-             "annotator.kind=bt")  # the judge's default precision: fp32, as `rm score`
+             "annotator.kind=bt", "annotator.batch_size=16")  # the judge's default precision: fp32
     model, tok = plain_rm
     rows = pairs_of(varied_rollouts)
     alone = [plain_reward(model, tok, r["prompt"], x) for r in rows for x in r["responses"]]
-    got = [x for r in pairs_of(scored) for x in r["rewards"]]
-    assert got == pytest.approx(alone, abs=1e-4)
-    assert [x for r in pairs_of(annotated) for x in r["rewards"]] == pytest.approx(got, abs=1e-5)
+    got = [x for r in pairs_of(annotated) for x in r["rewards"]]
+    assert got == pytest.approx(alone, abs=1e-4)  # padded batches of very different lengths
     assert max(alone) - min(alone) > 1e-3  # the rewards tell responses apart
 
 

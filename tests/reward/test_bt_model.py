@@ -9,24 +9,21 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 from rlhf_workflow.data.pairs import collate_pairs
+from rlhf_workflow.data.readers import read_pairs, read_records
 from rlhf_workflow.data.records import PreferencePair
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.losses import bt_loss
 from rlhf_workflow.models.tiny import tiny_config, train_tokenizer
 from rlhf_workflow.reward.bt import (
-    PAD_TOKEN,
     bt_objective,
-    encode,
-    encode_pair,
-    ensure_pad_token,
+    bt_rewards,
     load_reward_model,
-    read_pairs,
-    rewards,
     run_rm_train,
     score,
     score_tokenized,
     shares_prompt,
 )
+from rlhf_workflow.reward.encoding import PAD_TOKEN, encode, encode_pair, ensure_pad_token
 from rlhf_workflow.sandbox import corpus
 
 PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -65,7 +62,7 @@ def test_objective_pairs_the_first_half_with_the_second_and_sums():
     }
     out = bt_objective(model, batch)
     torch.testing.assert_close(out.loss_sum, torch.tensor(0.4740770 + math.log(2)))
-    assert out.metric_sums["accuracy"].item() == 1.5  # a win and a tie
+    assert out.metric_sums["accuracy"].item() == 1.0  # a win and a tie, which counts 0 (as RewardBench's)
     assert out.metric_sums["margin"].item() == 1.0
 
 
@@ -221,7 +218,7 @@ def test_shared_prompt_layout_gives_the_same_rewards_and_gradients(trained_rm, s
     for layout in (False, True):
         model.zero_grad()
         batch = collate_pairs(pairs, tok.pad_token_id, layout)
-        torch.testing.assert_close(rewards(model, batch).tolist(), alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bt_rewards(model, batch).tolist(), alone, atol=1e-5, rtol=1e-5)
         out = bt_objective(model, batch)
         out.loss_sum.backward()
         outs.append(out)
@@ -276,7 +273,11 @@ def test_encoder_backbone_reads_a_text_pair(bert_model, small_prefs, tmp_path, r
     r = score(model, tok, [PROMPT] * 2, ["answer: 5", "answer: 6"], progress=False)
     assert r[0] != r[1]
     result = json.loads((tmp_path / "rm" / "eval.json").read_text())
-    assert 0 <= result["accuracy"] <= 1 and "accuracy/reasoning" in result
+    held_out = read_records(small_prefs[1], PreferencePair)  # scored again, pair by pair, as text
+    prompts = [[{"role": "user", "content": p.prompt}] for p in held_out]
+    c = score(model, tok, prompts, [p.chosen for p in held_out], progress=False)
+    r = score(model, tok, prompts, [p.rejected for p in held_out], progress=False)
+    assert result["accuracy"] == pytest.approx(sum(a > b for a, b in zip(c, r, strict=True)) / len(held_out))
 
 
 # --------------------------------------------------------------------------- bad input

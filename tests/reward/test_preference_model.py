@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from rlhf_workflow.data.readers import read_pairs
 from rlhf_workflow.errors import UserError
-from rlhf_workflow.reward.bt import read_pairs
 from rlhf_workflow.reward.pm import (
     build_comparisons,
     compare,
@@ -123,9 +123,9 @@ def test_order_averaging_removes_a_planted_position_bias(trained_pm):
         ([{"role": "user", "content": "Sort: 3 1 2"}], "Answer: 1 2 3", "Answer: 2 1 3"),
     ]
     biased = _AlwaysA(model, label_token_ids(tok)[0])
-    assert compare(biased, tok, items) == [0.5, 0.5, 0.5]
-    p = compare(model, tok, items)
-    q = compare(model, tok, [(pr, b, a) for pr, a, b in items])
+    assert compare(biased, tok, items).probs == [0.5, 0.5, 0.5]
+    p = compare(model, tok, items).probs
+    q = compare(model, tok, [(pr, b, a) for pr, a, b in items]).probs
     assert [x + y for x, y in zip(p, q, strict=True)] == pytest.approx(
         [1.0] * 3, abs=1e-6
     )  # antisymmetric

@@ -1,7 +1,8 @@
-"""`rlhf rm train / rm eval / rm score` and `rlhf pm train / pm eval` on the sandbox, end to end."""
+"""`rlhf rm train / rm eval` and `rlhf pm train / pm eval` on the sandbox, end to end."""
 
 import json
 
+import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_workflow.cli import main
@@ -63,65 +64,26 @@ def test_rm_train_eval_score(tiny_model, sandbox_data, small_prefs, tmp_path, ca
     assert ev["overall"] == result["accuracy"] and ev["kind"] == "accuracy"
     assert ev["subsets"]["chat"]["accuracy"] == result["accuracy/chat"]
 
-    rollouts = tmp_path / "rollouts.jsonl"
+    rollouts = tmp_path / "rollouts.jsonl"  # scored by `rlhf annotate`, the one scoring path
     rollouts.write_text(
-        json.dumps(
-            {
-                "id": "a",
-                "prompt": "What is 2 + 3?",
-                "meta": {"k": 1},
-                "responses": ["Answer: 5", "Let me think about it. Answer: 6", "Answer: 5"],
-            }
-        )
-        + "\n"
-        + json.dumps(
-            {"prompt": [{"role": "user", "content": "Sort: 2 1"}], "responses": ["Answer: 1 2"]}
-        )
-        + "\n"
-        + (sandbox_data / "prefs_test.jsonl").read_text().splitlines()[0]
+        json.dumps({"id": "a", "prompt": "What is 2 + 3?", "meta": {"k": 1},
+                    "responses": ["Answer: 5", "Let me think about it. Answer: 6", "Answer: 5"]}) + "\n"
+        + json.dumps({"id": "b", "prompt": [{"role": "user", "content": "Sort: 2 1"}], "responses": ["Answer: 1 2"]})
         + "\n"
     )
     scored = tmp_path / "scored.jsonl"
-    assert (
-        main(
-            [
-                "rm",
-                "score",
-                f"model.path={out / 'model'}",
-                "--in",
-                str(rollouts),
-                "--out",
-                str(scored),
-                "batch_size=2",
-                "progress=false",
-            ]
-        )
-        == 0
-    )
+    judge = ["annotator.kind=bt", f"annotator.path={out / 'model'}", "annotator.batch_size=2"]
+    assert main(["annotate", "--in", str(rollouts), "--out", str(scored), *judge]) == 0
+    capsys.readouterr()
     recs = [json.loads(line) for line in scored.read_text().splitlines()]
     assert recs[0]["id"] == "a" and recs[0]["meta"] == {"k": 1} and len(recs[0]["rewards"]) == 3
-    assert recs[0]["rewards"][0] == recs[0]["rewards"][2] != recs[0]["rewards"][1]
+    assert recs[0]["rewards"][0] == pytest.approx(recs[0]["rewards"][2]) and recs[0]["rewards"][0] != recs[0]["rewards"][1]
     assert len(recs[1]["rewards"]) == 1
-    assert isinstance(recs[2]["chosen_reward"], float) and "subset" in recs[2]
 
     rollouts.write_text(json.dumps({"prompt": "q", "responses": ["ok", 3]}) + "\n")
-    assert (
-        main(
-            [
-                "rm",
-                "score",
-                f"model.path={out / 'model'}",
-                "--in",
-                str(rollouts),
-                "--out",
-                str(tmp_path / "bad.jsonl"),
-            ]
-        )
-        == 2
-    )
-    assert (
-        "line 1: field 'responses' must be a non-empty list of strings" in capsys.readouterr().err
-    )
+    assert main(["annotate", "--in", str(rollouts), "--out", str(tmp_path / "bad.jsonl"), *judge]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: ") and "rollouts.jsonl, line 1: field 'responses.1'" in err
     assert not (tmp_path / "bad.jsonl").exists()
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from rlhf_workflow.config import TrainConfig, load_config
 from rlhf_workflow.data.batching import plan_batches
 from rlhf_workflow.errors import UserError
-from rlhf_workflow.reward.bt import RMTrainConfig, run_rm_train
+from rlhf_workflow.reward.bt import RMConfig, run_rm_train
 from rlhf_workflow.training.dpo import DPOConfig, run_dpo
 from rlhf_workflow.training.loop import StepPlan, TrainData, batch_sizes
 from rlhf_workflow.training.sft import SFTConfig, run_sft
@@ -175,7 +175,7 @@ def _rm_args(tiny_model, sandbox_data, out, *extra):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_reward_model_on_two_ranks_equals_one(strategy, tiny_model, sandbox_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / strategy
-    run_rm_train(load_config(RMTrainConfig, None, _rm_args(tiny_model, sandbox_data, one)))
+    run_rm_train(load_config(RMConfig, None, _rm_args(tiny_model, sandbox_data, one)))
     torchrun(["rm", "train"], _rm_args(tiny_model, sandbox_data, two, f"train.strategy={strategy}"))
     assert _world(two) == WORLD
     assert _metrics(two) == pytest.approx(_metrics(one), rel=1e-5)

@@ -4,6 +4,7 @@ the reference choices, LoRA, the loss variants and the CLI end to end."""
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model, san
     two_rows = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False)
     shared = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False, shared=True)
     torch.testing.assert_close(shared, two_rows, atol=1e-4, rtol=1e-5)
-    objective = dpo_module.dpo_objective(load_config(dpo_module.DPOLossConfig, None, ["rpo_alpha=0.5"]))
+    objective = dpo_module.dpo_objective(load_config(dpo_module.LossConfig, None, ["rpo_alpha=0.5"]))
     offset_ref = two_rows[:8] + torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
     grads, outs = [], []
     for layout in (False, True):
@@ -174,13 +175,13 @@ def test_separate_reference_checkpoint(tiny_model, learnable_pairs, tmp_path, mo
     loads = []
     real = dpo_module.load_model
     monkeypatch.setattr(dpo_module, "load_model", lambda cfg, *a, **k: loads.append(cfg.path) or real(cfg, *a, **k))
-    run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path / "run", f"reference={other}", "train.max_steps=1"))
+    run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path / "run", f"reference.path={other}", "train.max_steps=1"))
     assert loads == [str(other), str(tiny_model)]  # reference first (then freed), then the policy
     assert _metrics(tmp_path / "run")[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)
     (cache,) = (tmp_path / "run").glob("ref_logps-*.safetensors")
     with safe_open(str(cache), "pt") as f:
         assert f.metadata()["reference"] == str(other)
-    assert load_config(DPOConfig, tmp_path / "run" / "config.yaml").reference == str(other)
+    assert load_config(DPOConfig, tmp_path / "run" / "config.yaml").reference.path == str(other)
 
 
 def test_reference_named_as_the_starting_policy_is_not_loaded_twice(tiny_model, learnable_pairs,
@@ -188,7 +189,7 @@ def test_reference_named_as_the_starting_policy_is_not_loaded_twice(tiny_model, 
     loads = []
     real = dpo_module.load_model
     monkeypatch.setattr(dpo_module, "load_model", lambda cfg, *a, **k: loads.append(cfg.path) or real(cfg, *a, **k))
-    run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path, f"reference={tiny_model}", "train.max_steps=1"))
+    run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path, f"reference.path={tiny_model}", "train.max_steps=1"))
     assert loads == [str(tiny_model)]
     assert _metrics(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
@@ -214,22 +215,34 @@ def test_lora_reference_is_the_base_model_without_a_second_copy(tiny_model, lear
     assert any(not torch.allclose(init[k], state[k]) for k in init)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["dpo.loss=ipo"], ["dpo.loss=hinge"], ["dpo.loss=simpo", "dpo.beta=2.0", "dpo.gamma=0.5"],
-    ["dpo.label_smoothing=0.1", "dpo.rpo_alpha=1.0"], ["dpo.average_logps=true"],
+# the first step's loss where the policy is its reference (h = 0): sigmoid log 2 (conservative DPO
+# too: its two terms are equal at h = 0), IPO (0 - 1/(2 beta))^2 = 25, hinge max(0, 1 - 0) = 1
+@pytest.mark.parametrize("overrides,first_loss", [
+    (["loss.kind=ipo"], 25.0), (["loss.kind=hinge"], 1.0), (["loss.kind=simpo", "loss.gamma=0.5"], None),
+    (["loss.label_smoothing=0.1", "loss.rpo_alpha=1.0"], None), (["loss.average_logps=true"], math.log(2)),
 ])
-def test_loss_variants_train(tiny_model, learnable_pairs, tmp_path, overrides):
-    run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path, "train.max_steps=2", *overrides))
+def test_loss_variants_train(tiny_model, learnable_pairs, tmp_path, overrides, first_loss, capsys):
+    run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path, "train.max_steps=10", "optim.lr=2e-3", *overrides))
     m = _metrics(tmp_path)
-    assert all(math.isfinite(r["loss"]) for r in m)
-    assert ("nll/chosen" in m[0]) == ("dpo.rpo_alpha=1.0" in overrides)
+    if first_loss is not None:
+        assert m[0]["loss"] == pytest.approx(first_loss, rel=1e-4)
+    if "loss.rpo_alpha=1.0" in overrides:  # log 2 plus the chosen response's mean NLL
+        assert m[0]["loss"] == pytest.approx(math.log(2) + m[0]["nll/chosen"], rel=1e-4)
+    assert ("nll/chosen" in m[0]) == ("loss.rpo_alpha=1.0" in overrides)
+    assert sum(r["loss"] for r in m[-3:]) / 3 < m[0]["loss"]  # it trains: the loss falls ...
+    assert m[-1]["reward_acc"] >= 0.9 and m[-1]["rewards/margin"] > m[0]["rewards/margin"]  # ... the right way
     caches = list(tmp_path.glob("ref_logps-*"))
-    assert len(caches) == (0 if "dpo.loss=simpo" in overrides else 1)
+    assert len(caches) == (0 if "loss.kind=simpo" in overrides else 1)
+    assert ("beta 2.0" if "loss.kind=simpo" in overrides else "beta 0.1") in capsys.readouterr().out  # per-loss beta
 
 
-def test_truncation_never_cuts_a_whole_response(tiny_model, sandbox_data, tmp_path):
-    run_dpo(_cfg(tiny_model, sandbox_data / "prefs_train.jsonl", tmp_path, "data.max_length=16",
+def test_a_tight_max_length_skips_pairs_whose_responses_do_not_fit(tiny_model, sandbox_data, tmp_path, capsys):
+    run_dpo(_cfg(tiny_model, sandbox_data / "prefs_train.jsonl", tmp_path, "data.max_length=24",
                  "data.max_prompt_length=12", "train.max_steps=2"))
+    out = capsys.readouterr().out
+    kept, cut, skipped = (int(x) for x in re.search(r"dpo: (\d+) pairs \((\d+) with the prompt cut, (\d+) skipped",
+                                                     out).groups())
+    assert kept + skipped == 400 and kept > 0 and skipped > 0 and cut > 0
     m = _metrics(tmp_path)
     assert all(math.isfinite(r["loss"]) and r["logps/chosen"] < 0 and r["logps/rejected"] < 0 for r in m)
 
@@ -255,13 +268,13 @@ def test_dpo_cli_end_to_end_on_conversational_and_flat_pairs(tiny_model, sandbox
     losses = {name: [r["loss"] for r in _metrics(tmp_path / name)] for name in ("conv", "flat")}
     assert losses["conv"] == pytest.approx(losses["flat"], rel=1e-6)  # the same pairs
     saved = load_config(DPOConfig, tmp_path / "flat" / "config.yaml")
-    assert saved.reference is None and saved.dpo.beta == 0.1 and saved.optim.lr == 1e-4
-    assert main(["dpo", *args, f"data.train={flat_file}", "dpo.loss=ipo", "dpo.label_smoothing=0.1"]) == 2
+    assert saved.reference.path is None and saved.loss.resolved_beta == 0.1 and saved.optim.lr == 1e-4
+    assert main(["dpo", *args, f"data.train={flat_file}", "loss.kind=ipo", "loss.label_smoothing=0.1"]) == 2
 
 
 def test_defaults_are_the_papers():
     cfg = DPOConfig()
-    assert (cfg.dpo.loss.value, cfg.dpo.beta, cfg.optim.lr, cfg.optim.scheduler) == ("sigmoid", 0.1, 5e-7, "cosine")
+    assert (cfg.loss.kind.value, cfg.loss.resolved_beta, cfg.optim.lr, cfg.optim.scheduler) == ("sigmoid", 0.1, 5e-7, "cosine")
     assert (cfg.optim.warmup_ratio, cfg.train.epochs, cfg.data.max_length) == (0.03, 2, 2048)
     assert cfg.train.global_batch_size == 128
-    assert cfg.dpo.average_logps is None and not cfg.dpo.loss.averages_logps
+    assert cfg.loss.average_logps is None and not cfg.loss.kind.averages_logps

@@ -22,10 +22,11 @@ from ..data.chat import IGNORE, encode_prompt
 from ..data.readers import iter_records, read_records
 from ..data.records import Prompt, Rollout
 from ..distributed import device, run_batched, to_device
-from ..evaluation.policy import gold_metrics
-from ..generation.hf import Sample, SamplingConfig, generate_hf
-from ..models.loading import load_model, load_tokenizer
-from ..training.reference import response_logps
+from ..generation.hf import generate_hf
+from ..generation.sampling import Sample, SamplingConfig
+from ..models.loading import load_model, load_tokenizer, pad_id
+from ..models.logprobs import response_logps
+from .policy import gold_metrics
 
 
 def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Sample],
@@ -38,7 +39,7 @@ def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Samp
     for p, s in zip(prompts, samples, strict=True):
         prompt = encoded.setdefault(id(p), encode_prompt(tokenizer, p))
         seqs.append((prompt + list(s.token_ids), [IGNORE] * (len(prompt) - 1) + list(s.token_ids) + [IGNORE]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
 
     def run(idx: list[int]) -> torch.Tensor:
@@ -72,7 +73,7 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
     messages = [p.messages() for p in prompts]
     sampling: SamplingConfig = eval_cfg.sampling.model_copy(update={"seed": seed})
     spec = model_cfg.model_copy(update={"path": policy})
-    model, tok = _load(spec)
+    model, tok = _load_on_device(spec)
     samples = generate_hf(model, tok, messages, sampling)
     flat_p = [m for m, group in zip(messages, samples, strict=True) for _ in group]
     flat_s = [s for group in samples for s in group]
@@ -83,7 +84,7 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
     if eval_cfg.kl:
         lp = sample_logps(model, tok, flat_p, flat_s)
         del model
-        ref, _ = _load(spec.model_copy(update={"path": sft}))
+        ref, _ = _load_on_device(spec.model_copy(update={"path": sft}))
         out["kl"] = _mean([a - b for a, b in zip(lp, sample_logps(ref, tok, flat_p, flat_s), strict=True)])
         del ref
     else:
@@ -104,7 +105,7 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
     return out
 
 
-def _load(spec: ModelConfig):
+def _load_on_device(spec: ModelConfig):
     return load_model(spec).to(device()), load_tokenizer(spec)
 
 

@@ -3,9 +3,10 @@ import torch
 
 from rlhf_workflow.config import ModelConfig
 from rlhf_workflow.data.chat import encode_prompt
-from rlhf_workflow.generation.hf import SamplingConfig, generate_hf
+from rlhf_workflow.evaluation.iteration import sample_logps
+from rlhf_workflow.generation.hf import generate_hf
+from rlhf_workflow.generation.sampling import SamplingConfig
 from rlhf_workflow.models.loading import load_model, load_tokenizer
-from rlhf_workflow.online.evaluate import sample_logps
 
 
 def test_sample_logps_equal_an_unbatched_computation(tiny_model):

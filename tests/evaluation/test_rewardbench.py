@@ -21,8 +21,8 @@ import pytest
 from rlhf_workflow.cli import main
 from rlhf_workflow.data.readers import read_pairs
 from rlhf_workflow.errors import UserError
-from rlhf_workflow.reward.bench import detect_format, format_table, read_best_of_n
-from rlhf_workflow.reward.rewardbench import (
+from rlhf_workflow.evaluation.judges import detect_format, format_table, read_best_of_n
+from rlhf_workflow.evaluation.rewardbench import (
     EXAMPLE_COUNTS,
     SECTIONS,
     Scored,
