@@ -29,7 +29,6 @@ them and stops with a :class:`UserError` when there is an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ModelConfig
@@ -201,7 +200,7 @@ def check_stops(who: str, loaded: Loaded, samplings: dict) -> list[Finding]:
         return [Finding(who, "error", f"the template closes an assistant turn with {marker!r}, which is not a "
                         "special token: generation cannot stop on it",
                         f"register it as a special token, or set generate.sampling.stop=[{marker!r}]")]
-    base = stop_token_ids(SimpleNamespace(generation_config=loaded.generation_config), tok)
+    base = stop_token_ids(loaded.generation_config, tok)
     out = []
     for where, sampling in samplings.items():
         stops = base + list(sampling.stop_token_ids)

@@ -21,7 +21,7 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
                 progress: bool = True) -> list[list[Sample]]:
     """``cfg.n`` samples for each prompt (a message list), in the order of ``prompts``."""
     model.eval()
-    stops = stop_token_ids(model, tokenizer) + cfg.stop_token_ids
+    stops = stop_token_ids(model.generation_config, tokenizer) + cfg.stop_token_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     strings = {"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}
     encoded = [encode_prompt(tokenizer, p) for p in prompts]

@@ -30,8 +30,9 @@ class Sample:
     token_ids: tuple[int, ...] = ()  # as sampled, end-of-turn token included when it stopped
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """End-of-turn ids: the generation config's EOS id(s) (None: no config), then the tokenizer's."""
+    ids = getattr(generation_config, "eos_token_id", None)
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)

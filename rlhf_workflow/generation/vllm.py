@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..config import ModelConfig
 from ..data.chat import encode_prompt
 from ..errors import UserError
-from .hf import Sample, SamplingConfig
+from .sampling import Sample, SamplingConfig, stop_token_ids
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -30,7 +30,7 @@ def make_vllm_generator(model: ModelConfig, vcfg):
         tensor_parallel_size=vcfg.tensor_parallel_size, max_model_len=vcfg.max_model_len,
         enforce_eager=vcfg.enforce_eager,
     )
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_token_ids(_generation_config(model), tokenizer)
 
     def generate(prompts: list[list[dict]], sampling: SamplingConfig) -> list[list[Sample]]:
         params = [SamplingParams(  # one seed per prompt: prompts must not share a random stream
@@ -47,13 +47,10 @@ def make_vllm_generator(model: ModelConfig, vcfg):
     return generate
 
 
-def _stop_ids(model: ModelConfig, tokenizer) -> list[int]:
-    """End-of-turn ids from the model's generation config, plus the tokenizer's EOS."""
+def _generation_config(model: ModelConfig):
     from transformers import GenerationConfig
 
     try:
-        eos = GenerationConfig.from_pretrained(model.path).eos_token_id
+        return GenerationConfig.from_pretrained(model.path)
     except OSError:
-        eos = None
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return sorted({*ids, tokenizer.eos_token_id} - {None})
+        return None
