@@ -53,14 +53,8 @@ def make_prompts(n: int, seed: int, skills: list[str] | None = None) -> list[dic
     return out
 
 
-def make_sft(
-    n: int,
-    seed: int,
-    error_rate: float = 0.3,
-    filler_rate: float = 0.5,
-    max_fillers: int = 3,
-    skills: list[str] | None = None,
-) -> list[dict[str, Any]]:
+def make_sft(n: int, seed: int, error_rate: float = 0.3, filler_rate: float = 0.5, max_fillers: int = 3,
+             skills: list[str] | None = None) -> list[dict[str, Any]]:
     """``n`` chat demonstrations ``{"messages": [user, assistant], "meta"}``.
 
     With probability ``error_rate`` the demonstrated answer is wrong; with probability
@@ -88,14 +82,8 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def make_preferences(
-    n: int,
-    seed: int,
-    temperature: float = 0.25,
-    length_bias: float = 0.05,
-    chat_fraction: float = 0.5,
-    skills: list[str] | None = None,
-) -> list[dict[str, Any]]:
+def make_preferences(n: int, seed: int, temperature: float = 0.25, length_bias: float = 0.05,
+                     chat_fraction: float = 0.5, skills: list[str] | None = None) -> list[dict[str, Any]]:
     """``n`` pairs ``{"prompt", "chosen", "rejected", "subset", "meta"}`` labelled by a
     simulated annotator.
 
