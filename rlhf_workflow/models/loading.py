@@ -121,12 +121,24 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
                       for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
         model.config.dtype = DTYPES[dtype]
+    if state_dict is not None:
+        state_dict = _without_tied_copies(model, state_dict)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     point("export")
     replace_dir(tmp, out)
     return out
+
+
+def _without_tied_copies(model, state_dict: dict) -> dict:
+    """Drop the second name of a tied weight (``lm_head.weight`` of a tied embedding): gathered or
+    converted weights no longer share storage, so ``save_pretrained`` would write both."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}
+    for name, p in params.items():
+        first.setdefault(id(p), name)
+    return {k: v for k, v in state_dict.items() if k not in params or first[id(params[k])] == k}
 
 
 def _check_local(name: str, what: str, label: str = "model") -> None:

@@ -99,3 +99,25 @@ def test_export_model_writes_a_plain_folder(tmp_path, tiny_model, capsys):
     assert main(["export-model", f"model.path={tiny_model}", f"out={out}"]) == 2  # never replaced silently
     assert "exists already" in capsys.readouterr().err
     assert main(["export-model", f"model.path={tiny_model}", f"out={out}", "overwrite=true"]) == 0
+
+
+def test_a_tied_head_is_saved_once_from_gathered_or_converted_weights(tmp_path):
+    """Weights gathered from shards, or converted to another dtype, no longer share storage:
+    the tied head is still written once (as save_pretrained writes it), and reloads tied."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_workflow.models.loading import save_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # as from FSDP: separate tensors
+    assert "lm_head.weight" in gathered
+    for out, kw in ((tmp_path / "gathered", {"state_dict": gathered}), (tmp_path / "bf16", {"dtype": "bf16"})):
+        save_model(model, None, out, **kw)
+        assert "lm_head.weight" not in load_file(out / "model.safetensors")
+        back = AutoModelForCausalLM.from_pretrained(out)
+        assert back.lm_head.weight is back.model.embed_tokens.weight
+        torch.testing.assert_close(back.lm_head.weight.float(), model.lm_head.weight,
+                                   atol=1e-2 if "dtype" in kw else 0, rtol=1e-2 if "dtype" in kw else 0)
