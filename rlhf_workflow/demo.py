@@ -23,6 +23,7 @@ import statistics
 import time
 from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -41,6 +42,7 @@ from .online.pairs import SelectConfig
 from .report import ReportConfig, run_report
 from .reward.bt import PairDataConfig, RMConfig, RMDataConfig, run_rm_train
 from .reward.pm import PMConfig, run_pm_train
+from .reward.ranking import rank
 from .sandbox import MakeDataConfig, make_data
 from .training.dpo import DPOConfig, DPODataConfig, LossConfig, ReferenceConfig, run_dpo
 from .training.sft import SFTConfig, SFTDataConfig, run_sft
@@ -88,24 +90,39 @@ SANDBOX_LOOP = LoopConfig(
 )
 
 
+REGIMES = {"premise": 0.0, "misspecified": 0.05}  # the annotator's extra preference per word
+Regime = Literal["premise", "misspecified"]
+
+
 class DemoConfig(Config):
     out: str = Field("runs/demo", description="run directory of the demo")
     seed: int = Field(0, description="seed of the data, the model initialisation and training")
     seeds: list[int] | None = Field(None, description="run the demo once per seed and summarise mean/spread")
+    regime: Regime = Field(
+        "premise", description="premise: the annotator prefers what gold prefers, up to noise (data.length_bias "
+        "0, the paper's premise); misspecified: it also pays 0.05 per word, more than gold's filler price "
+        "0.02, so on chat pairs it prefers the opposite of gold (sets data.length_bias)")
+    regimes: list[Regime] | None = Field(None, description="run the demo once per regime, side by side")
     data: MakeDataConfig = MakeDataConfig(n_prefs=20000)
     model: InitModelConfig = InitModelConfig()
     sft: SFTConfig = SANDBOX_SFT
+    judge_model: InitModelConfig | None = Field(
+        None, description="backbone of both judges: None = the policy's SFT model (the paper's choice); a "
+        "model config (e.g. judge_model.hidden_size=256) = a separate model, SFT-trained on the same "
+        "demonstrations with judge_sft's settings, from which the RM and the PM start")
+    judge_sft: SFTConfig = SANDBOX_SFT
     rm: RMConfig = SANDBOX_RM
     pm: PMConfig = SANDBOX_PM
     online: LoopConfig = SANDBOX_LOOP
     length_penalty: float = Field(0.01, ge=0, description="lambda per character of the length-penalised online run")
     offline: bool = Field(True, description="train the offline DPO baseline")
     gold_judge: bool = Field(True, description="also run the online loop with the gold reward as the judge")
+    pm_judge: bool = Field(True, description="also run the online loop with the PM (tournament) as the judge")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    if cfg.seeds:
-        return _run_seeds(cfg)
+    if cfg.seeds or cfg.regimes:
+        return _run_grid(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _with_paths(cfg, out)
@@ -115,26 +132,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     _stage("sandbox data", out / "data" / "stats.json", make_data, cfg.data)
     _stage("tiny model", out / "init" / "config.json", init_model, cfg.model)
     _stage("SFT", sft_model / "config.json", run_sft, cfg.sft)
+    if cfg.judge_model is not None:
+        _stage("judge backbone", out / "judge_init" / "config.json", init_model, cfg.judge_model)
+        _stage("judge SFT", out / "judge_sft" / "model" / "config.json", run_sft, cfg.judge_sft)
     _stage("BT reward model", out / "rm" / "model" / "config.json", run_rm_train, cfg.rm)
     _stage("preference model", out / "pm" / "model" / "config.json", run_pm_train, cfg.pm)
-    test = str(out / "data" / "prefs_test.jsonl")
+    gold_test = out / "data" / "prefs_test_gold.jsonl"
+    _stage("test pairs in gold order", gold_test, _gold_ordered, out / "data" / "prefs_test.jsonl", gold_test)
     for name, cls, fn, key, length in (("BT eval", RMEvalConfig, run_rm_eval, "rm", cfg.rm.data.max_length),
                                        ("PM eval", PMEvalConfig, run_pm_eval, "pm", cfg.pm.data.max_length)):
-        judge = cls(model=ModelConfig(path=str(out / key / "model")), input=test, max_length=length,
-                    out=str(out / "eval" / f"{key}.json"), progress=False)
-        _stage(name, out / "eval" / f"{key}.json", fn, judge)
-    _stage("online iterative DPO", out / "online" / "summary.json", run_loop, cfg.online)
-    lp = cfg.online.model_copy(deep=True)
-    lp.out = str(out / "online_length_penalty")
-    lp.select.length_penalty = cfg.length_penalty
-    _stage(f"online iterative DPO, length penalty {cfg.length_penalty}/char",
-           out / "online_length_penalty" / "summary.json", run_loop, lp)
-    if cfg.gold_judge:
-        oracle = cfg.online.model_copy(deep=True)
-        oracle.out = str(out / "online_gold_judge")
-        oracle.annotate.annotator.kind = "gold"
-        _stage("online iterative DPO, gold reward as the judge (reference run)",
-               out / "online_gold_judge" / "summary.json", run_loop, oracle)
+        for labels, test in (("", out / "data" / "prefs_test.jsonl"), ("_gold", gold_test)):
+            result = out / "eval" / f"{key}{labels}.json"
+            judge = cls(model=ModelConfig(path=str(out / key / "model")), input=str(test), max_length=length,
+                        out=str(result), progress=False)
+            _stage(f"{name} against {'gold' if labels else 'the annotator'}", result, fn, judge)
+    for run, title in _runs(cfg):
+        _stage(title, Path(run.out) / "summary.json", run_loop, run)
     if cfg.offline:
         _stage("offline DPO", out / "offline" / "model" / "config.json", _offline_dpo, cfg, out)
         _stage("offline DPO eval", out / "eval" / "offline.json", _evaluate, cfg, out / "offline" / "model",
@@ -147,16 +160,47 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
+def _runs(cfg: DemoConfig) -> list[tuple[LoopConfig, str]]:
+    """The online runs: the BT judge; with a length penalty; the gold reward and the PM as judges."""
+    out = Path(cfg.out)
+
+    def variant(name: str, fn) -> LoopConfig:
+        run = cfg.online.model_copy(deep=True)
+        run.out = str(out / name)
+        fn(run)
+        return run
+
+    runs = [(cfg.online, "online iterative DPO"),
+            (variant("online_length_penalty", lambda r: setattr(r.select, "length_penalty", cfg.length_penalty)),
+             f"online iterative DPO, length penalty {cfg.length_penalty}/char")]
+    if cfg.gold_judge:
+        runs.append((variant("online_gold_judge", lambda r: setattr(r.annotate.annotator, "kind", "gold")),
+                     "online iterative DPO, gold reward as the judge (reference run)"))
+    if cfg.pm_judge:
+        def pm(r: LoopConfig) -> None:
+            r.annotate.annotator = r.annotate.annotator.model_copy(update={
+                "kind": "pm", "path": str(out / "pm" / "model"), "max_length": cfg.pm.data.max_length})
+        runs.append((variant("online_pm_judge", pm), "online iterative DPO, PM tournament as the judge"))
+    return runs
+
+
 def _with_paths(cfg: DemoConfig, out: Path) -> DemoConfig:
     cfg = cfg.model_copy(deep=True)
     data, sft = out / "data", str(out / "sft" / "model")
-    cfg.data.out, cfg.data.seed = str(data), cfg.seed
+    cfg.data.out, cfg.data.seed, cfg.data.length_bias = str(data), cfg.seed, REGIMES[cfg.regime]
     cfg.model.out, cfg.model.seed = str(out / "init"), cfg.seed
     cfg.sft.model.path, cfg.sft.data.train = str(out / "init"), str(data / "sft.jsonl")
     for stage, name in ((cfg.sft, "sft"), (cfg.rm, "rm"), (cfg.pm, "pm")):
         stage.train.output_dir, stage.train.seed = str(out / name), cfg.seed
-    for stage in (cfg.rm, cfg.pm):  # judges start from the SFT model, as in the paper
-        stage.model.path = sft
+    judge = sft
+    if cfg.judge_model is not None:  # a separate backbone, SFT-trained on the same demonstrations
+        cfg.judge_model.out, cfg.judge_model.seed = str(out / "judge_init"), cfg.seed
+        js = cfg.judge_sft
+        js.model.path, js.data.train = str(out / "judge_init"), str(data / "sft.jsonl")
+        js.train.output_dir, js.train.seed = str(out / "judge_sft"), cfg.seed
+        judge = str(out / "judge_sft" / "model")
+    for stage in (cfg.rm, cfg.pm):  # judges start from an SFT model, as in the paper
+        stage.model.path = judge
         stage.data.train, stage.data.test = str(data / "prefs_train.jsonl"), str(data / "prefs_test.jsonl")
     o = cfg.online
     o.out, o.seed, o.policy.path = str(out / "online"), cfg.seed, sft
@@ -174,6 +218,18 @@ def _stage(name: str, done_marker: Path, fn, *args) -> None:
     t = time.perf_counter()
     fn(*args)
     print(f"[demo] {name}: {time.perf_counter() - t:.0f}s", flush=True)
+
+
+def _gold_ordered(src: Path, dst: Path) -> None:
+    """The held-out pairs with chosen = the response gold prefers (a judge's accuracy against
+    gold, beside its accuracy against the annotator's noisy labels)."""
+    rows = []
+    for _, r in iter_rows(src):
+        m = r["meta"]
+        if m["gold_chosen"] < m["gold_rejected"]:
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+        rows.append(r)
+    write_jsonl(dst, rows)
 
 
 def _offline_dpo(cfg: DemoConfig, out: Path) -> None:
@@ -203,47 +259,77 @@ def _read_if_there(path: Path) -> dict | None:
 
 
 def _summary(cfg: DemoConfig, out: Path) -> dict:
-    online = _read_if_there(out / "online" / "summary.json")["iterations"]
-    lp = _read_if_there(out / "online_length_penalty" / "summary.json")["iterations"]
-    policies = {"sft": online[0]}
+    runs = {_run_name(cfg, Path(run.out).name): _read_if_there(Path(run.out) / "summary.json")["iterations"]
+            for run, _ in _runs(cfg)}
+    policies = {"sft": runs["online"][0]}
     if cfg.offline:
         policies["offline_dpo"] = _read_if_there(out / "eval" / "offline.json")
     judges = {}
-    for name, key in (("BT reward model", "rm"), ("preference model", "pm")):
-        r = _read_if_there(out / "eval" / f"{key}.json")
-        if r:
-            judges[name] = {"per_subset": r["subsets"], "accuracy": r["overall"]}
-    runs = {"online": online, f"online_length_penalty_{cfg.length_penalty}": lp}
-    if cfg.gold_judge:
-        runs["online_gold_judge"] = _read_if_there(out / "online_gold_judge" / "summary.json")["iterations"]
-    summary = {"seed": cfg.seed, "policies": policies, "runs": runs,
-               "reward_models": {k: v for k, v in judges.items() if v}}
+    for name, key in (("BT", "rm"), ("PM", "pm")):
+        for labels, suffix in (("annotator", ""), ("gold", "_gold")):
+            r = _read_if_there(out / "eval" / f"{key}{suffix}.json")
+            if r:
+                judges[f"{name} vs {labels}"] = {"per_subset": r["subsets"], "accuracy": r["overall"]}
+    judges["annotator vs gold (ceiling)"] = annotator_agreement(out / "data" / "prefs_test.jsonl")
+    seconds = {name: _mean_seconds(its, "annotate") for name, its in runs.items()}
+    n = cfg.online.generate.sampling.n
+    cost = {"comparisons_per_prompt": rank(lambda m: [0.5] * len(m), [n], cfg.online.annotate.annotator.pm_mode)[0]
+            .n_calls // 2, "annotate_seconds_per_iteration": seconds}
+    summary = {"seed": cfg.seed, "regime": cfg.regime, "length_bias": cfg.data.length_bias, "policies": policies,
+               "runs": runs, "reward_models": judges, "judge_cost": cost}
     summary["headline"] = headline(summary)
     summary["claims"] = claims(summary["headline"])
     return summary
 
 
+def _run_name(cfg: DemoConfig, folder: str) -> str:
+    return f"online_length_penalty_{cfg.length_penalty}" if folder == "online_length_penalty" else folder
+
+
+def _mean_seconds(its: list[dict], stage: str) -> float | None:
+    xs = [r["seconds"][stage] for r in its if (r.get("seconds") or {}).get(stage) is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def annotator_agreement(path: Path) -> dict:
+    """How often the annotator's label agrees with the gold order, per subset: the accuracy a
+    judge equal to gold would get against the labels."""
+    hits: dict[str, list[bool]] = {}
+    for _, r in iter_rows(path):
+        hits.setdefault(r.get("subset") or "all", []).append(r["meta"]["gold_chosen"] > r["meta"]["gold_rejected"])
+    per = {s: {"accuracy": sum(h) / len(h), "n": len(h)} for s, h in sorted(hits.items())}
+    flat = [x for h in hits.values() for x in h]
+    return {"per_subset": per, "accuracy": sum(flat) / len(flat)}
+
+
 def headline(summary: dict) -> dict:
-    runs = list(summary["runs"].values())
-    online, lp = runs[0][-1], runs[1][-1]
-    oracle = summary["runs"].get("online_gold_judge", [{}])[-1]
-    off = summary["policies"].get("offline_dpo") or {}
-    rms = summary["reward_models"]
-    sub = {name: {s: r["per_subset"][s]["accuracy"] for s in r["per_subset"]} for name, r in rms.items()}
-    return {
-        "gold_sft": summary["policies"]["sft"].get("gold_reward"),
-        "gold_offline": off.get("gold_reward"),
-        "gold_online": online.get("gold_reward"),
-        "gold_online_lp": lp.get("gold_reward"),
-        "gold_online_gold_judge": oracle.get("gold_reward"),
-        "rm_sft": summary["policies"]["sft"].get("rm_reward"), "rm_online": online.get("rm_reward"),
-        "tokens_online": online.get("mean_tokens"), "tokens_online_lp": lp.get("mean_tokens"),
-        "chars_online": online.get("mean_chars"), "chars_online_lp": lp.get("mean_chars"),
-        "bt_reasoning": sub.get("BT reward model", {}).get("reasoning"),
-        "bt_chat": sub.get("BT reward model", {}).get("chat"),
-        "pm_reasoning": sub.get("preference model", {}).get("reasoning"),
-        "pm_chat": sub.get("preference model", {}).get("chat"),
-    }
+    runs, pol = summary["runs"], summary["policies"]
+    last = {name: its[-1] for name, its in runs.items()}
+    lp = next((v for k, v in last.items() if k.startswith("online_length_penalty")), {})
+    online, off = last["online"], pol.get("offline_dpo") or {}
+    h = {"gold_sft": pol["sft"].get("gold_reward"), "gold_offline": off.get("gold_reward")}
+    h.update({f"gold_online_iter{r['iteration']}": r.get("gold_reward") for r in runs["online"][1:]})
+    h.update(gold_online=online.get("gold_reward"), gold_online_lp=lp.get("gold_reward"),
+             gold_online_gold_judge=last.get("online_gold_judge", {}).get("gold_reward"),
+             gold_online_pm_judge=last.get("online_pm_judge", {}).get("gold_reward"),
+             accuracy_sft=pol["sft"].get("accuracy"), accuracy_offline=off.get("accuracy"),
+             accuracy_online=online.get("accuracy"), kl_offline=off.get("kl"), kl_online=online.get("kl"),
+             kl_online_lp=lp.get("kl"), rm_sft=pol["sft"].get("rm_reward"), rm_online=online.get("rm_reward"),
+             tokens_online=online.get("mean_tokens"), tokens_online_lp=lp.get("mean_tokens"),
+             chars_sft=pol["sft"].get("mean_chars"), chars_online=online.get("mean_chars"),
+             chars_online_lp=lp.get("mean_chars"))
+    picks = [r for r in runs["online"][1:] if r.get("chosen_gold") is not None]
+    if picks:
+        h["pick_gold_online"] = statistics.mean(r["chosen_gold"] for r in picks)
+        h["best_gold_online"] = statistics.mean(r["best_gold"] for r in picks)
+    for name, r in summary["reward_models"].items():
+        key = name.replace(" (ceiling)", "").replace(" vs ", "_").lower()
+        h.update({f"{key}_{s}": v["accuracy"] for s, v in r["per_subset"].items()})
+    cost = summary.get("judge_cost") or {}
+    secs = cost.get("annotate_seconds_per_iteration") or {}
+    h.update(pm_comparisons_per_prompt=cost.get("comparisons_per_prompt"),
+             annotate_s_bt=secs.get("online"), annotate_s_pm=secs.get("online_pm_judge"))
+    return h
 
 
 def claims(h: dict) -> list[str]:
@@ -252,24 +338,36 @@ def claims(h: dict) -> list[str]:
     def yes(ok: bool) -> str:
         return "reproduces" if ok else "does NOT reproduce"
 
-    if None not in (h["gold_sft"], h["gold_offline"], h["gold_online"]):
+    def have(*keys: str) -> bool:
+        return all(h.get(k) is not None for k in keys)
+
+    if have("gold_sft", "gold_offline", "gold_online"):
         ok = h["gold_online"] > h["gold_offline"] > h["gold_sft"]
         out.append(f"online > offline > SFT on gold reward: {yes(ok)} (SFT {h['gold_sft']:.3f}, "
                    f"offline DPO {h['gold_offline']:.3f}, online iterative DPO {h['gold_online']:.3f})")
-    if None not in (h["chars_online"], h["chars_online_lp"]):
+    if have("chars_online", "chars_online_lp", "gold_online_lp"):
         cut = 1 - h["chars_online_lp"] / h["chars_online"]
         out.append(f"a length penalty cuts length at a small gold cost: length {-cut:+.0%} "
                    f"({h['chars_online']:.0f} -> {h['chars_online_lp']:.0f} chars), gold "
                    f"{h['gold_online']:.3f} -> {h['gold_online_lp']:.3f}")
-    if None not in (h["gold_sft"], h.get("gold_online_gold_judge")):
+    if have("gold_sft", "gold_online_gold_judge"):
         out.append(f"with the gold reward as the judge, online iterative DPO raises the gold reward: "
                    f"{yes(h['gold_online_gold_judge'] > h['gold_sft'])} (SFT {h['gold_sft']:.3f} -> "
-                   f"{h['gold_online_gold_judge']:.3f}); with the learned BT judge the reward-model "
-                   f"reward went {h['rm_sft']:.3f} -> {h['rm_online']:.3f}")
-    if None not in (h["bt_reasoning"], h["pm_reasoning"]):
-        out.append(f"the PM is the better judge on reasoning: {yes(h['pm_reasoning'] > h['bt_reasoning'])} "
-                   f"(reasoning: BT {h['bt_reasoning']:.3f}, PM {h['pm_reasoning']:.3f}; chat: BT "
-                   f"{h['bt_chat']:.3f}, PM {h['pm_chat']:.3f})")
+                   f"{h['gold_online_gold_judge']:.3f})")
+    if have("bt_gold_reasoning", "pm_gold_reasoning"):
+        out.append(f"the PM is the better judge on reasoning (against gold): "
+                   f"{yes(h['pm_gold_reasoning'] > h['bt_gold_reasoning'])} (reasoning: BT "
+                   f"{h['bt_gold_reasoning']:.3f}, PM {h['pm_gold_reasoning']:.3f}; chat: BT "
+                   f"{h['bt_gold_chat']:.3f}, PM {h['pm_gold_chat']:.3f})")
+    if have("gold_online_pm_judge", "gold_sft"):
+        cost = (f"; {h['pm_comparisons_per_prompt']} comparisons per prompt, annotation "
+                f"{h['annotate_s_pm']:.0f}s per iteration against {h['annotate_s_bt']:.0f}s for the BT judge"
+                if have("pm_comparisons_per_prompt", "annotate_s_pm", "annotate_s_bt") else "")
+        out.append(f"online iterative DPO with the PM tournament as the judge: gold {h['gold_sft']:.3f} -> "
+                   f"{h['gold_online_pm_judge']:.3f}{cost}")
+    if have("pick_gold_online", "best_gold_online"):
+        out.append(f"winner's curse: the BT judge's chosen response has gold reward {h['pick_gold_online']:.3f} "
+                   f"where the best of the n has {h['best_gold_online']:.3f} (mean over iterations)")
     return out
 
 
@@ -279,29 +377,40 @@ def _screen(summary: dict) -> str:
             ("offline DPO", h["gold_offline"], (summary["policies"].get("offline_dpo") or {}).get("mean_tokens")),
             ("online iterative DPO", h["gold_online"], h["tokens_online"]),
             ("online + length penalty", h["gold_online_lp"], h["tokens_online_lp"]),
-            ("online, gold judge", h.get("gold_online_gold_judge"), None)]
-    lines = [f"{'policy':<26} {'gold reward':>11} {'tokens':>7}"]
+            ("online, gold judge", h.get("gold_online_gold_judge"), None),
+            ("online, PM judge", h.get("gold_online_pm_judge"), None)]
+    lines = [f"regime: {summary['regime']}", f"{'policy':<26} {'gold reward':>11} {'tokens':>7}"]
     lines += [f"{n:<26} {'-' if g is None else f'{g:.3f}':>11} {'-' if t is None else f'{t:.1f}':>7}"
               for n, g, t in rows]
     return "\n".join(lines + [""] + [f"- {c}" for c in summary["claims"]])
 
 
-def _run_seeds(cfg: DemoConfig) -> dict:
-    results = {}
-    for seed in cfg.seeds:
-        one = cfg.model_copy(update={"seeds": None, "seed": seed, "out": str(Path(cfg.out) / f"seed_{seed}")})
-        results[seed] = run_demo(one)["headline"]
-    keys = list(next(iter(results.values())))
-    lines = ["| quantity | " + " | ".join(f"seed {s}" for s in results) + " | mean | spread (sd) |",
-             "|---" * (len(results) + 3) + "|"]
-    agg = {}
+def _run_grid(cfg: DemoConfig) -> dict:
+    """One demo per (regime, seed) under ``out/<regime>/seed_<k>``; ``out/seeds.md`` gives each
+    headline quantity's mean and sd per regime, side by side."""
+    regimes, seeds = cfg.regimes or [cfg.regime], cfg.seeds or [cfg.seed]
+    results: dict[str, dict[int, dict]] = {}
+    for regime in regimes:
+        for seed in seeds:
+            folder = Path(cfg.out) / (regime if cfg.regimes else "") / f"seed_{seed}"
+            one = cfg.model_copy(update={"seeds": None, "regimes": None, "seed": seed, "regime": regime,
+                                         "out": str(folder)})
+            results.setdefault(regime, {})[seed] = run_demo(one)["headline"]
+    keys = list(dict.fromkeys(k for per_seed in results.values() for h in per_seed.values() for k in h))
+    agg: dict[str, dict[str, dict]] = {}
+    lines = ["| quantity | " + " | ".join(f"{r}: mean +- sd (seeds {', '.join(map(str, seeds))})"
+                                         for r in regimes) + " |", "|---" * (len(regimes) + 1) + "|"]
     for k in keys:
-        vals = [results[s][k] for s in results if results[s][k] is not None]
-        if not vals:
-            continue
-        mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-        agg[k] = {"mean": mean, "sd": sd, "values": vals}
-        lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {mean:.3f} | {sd:.3f} |")
+        cells = []
+        for regime in regimes:
+            vals = [h[k] for h in results[regime].values() if h.get(k) is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+            agg.setdefault(regime, {})[k] = {"mean": mean, "sd": sd, "values": vals}
+            cells.append(f"{mean:.3f} +- {sd:.3f} ({', '.join(f'{v:.3f}' for v in vals)})")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     write_json(Path(cfg.out) / "seeds.json", {"per_seed": results, "aggregate": agg})
     write_text(Path(cfg.out) / "seeds.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -79,12 +79,14 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
                    f"{_f(r.get('eos_rate'))} | {_f(r.get('kl'))} |")
     for run, its in summary.get("runs", {}).items():
         out += ["", f"## Run `{run}`", "",
-                "| iteration | pairs | rollout RM reward | best-of-n RM | generate s | annotate s | DPO s |",
-                "|---|---|---|---|---|---|---|"]
+                "| iteration | pairs | rollout judge reward | best-of-n judge | gold: judge's pick | "
+                "gold: best of n | generate s | annotate s | DPO s |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in its:
             s = r.get("seconds") or {}
             out.append(f"| {r['iteration']} | {r.get('pairs', '-')} | {_f(r.get('rollout_rm_reward'))} | "
-                       f"{_f(r.get('rollout_best_of_n'))} | {_f(s.get('generate'), '.0f')} | "
+                       f"{_f(r.get('rollout_best_of_n'))} | {_f(r.get('chosen_gold'))} | {_f(r.get('best_gold'))} | "
+                       f"{_f(s.get('generate'), '.0f')} | "
                        f"{_f(s.get('annotate'), '.0f')} | {_f(s.get('dpo'), '.0f')} |")
     rms = summary.get("reward_models", {})
     if rms:
@@ -272,6 +274,18 @@ def make_plots(summary: dict, folder: Path) -> list[str]:
         ax.set_ylabel("gold reward")
         ax.legend(fontsize=8)
         save(fig, "kl_vs_gold.png")
+    judged = {run: pts for run, its in runs.items()
+              if len(pts := [r for r in its if r.get("rm_reward") is not None and r.get("gold_reward") is not None]) > 1}
+    if judged:
+        fig, ax = plt.subplots(figsize=(6, 3.6))  # over-optimisation: the judge's reward against gold
+        for run, pts in judged.items():
+            ax.plot([r["rm_reward"] for r in pts], [r["gold_reward"] for r in pts], marker="o", label=run)
+            for r in pts:
+                ax.annotate(str(r["iteration"]), (r["rm_reward"], r["gold_reward"]), fontsize=7)
+        ax.set_xlabel("judge's reward of the policy's responses (numbers: iteration)")
+        ax.set_ylabel("gold reward")
+        ax.legend(fontsize=8)
+        save(fig, "judge_vs_gold.png")
     rms = summary.get("reward_models", {})
     if rms:
         subsets = sorted({s for r in rms.values() for s in r.get("per_subset", {})})

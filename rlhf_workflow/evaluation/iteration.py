@@ -5,7 +5,9 @@ mean reward under the annotating reward model, mean length, end-of-turn rate, th
 reward when the prompts carry sandbox ``meta``, and a Monte-Carlo estimate of
 KL(pi_t || pi_0) = E_{y ~ pi_t}[log pi_t(y|x) - log pi_0(y|x)] from the same samples (exact in
 expectation at temperature 1 without top-k/top-p). From the iteration's own scored rollouts
-(samples of pi_{t-1}): their mean and best-of-n reward, and how many pairs were kept.
+(samples of pi_{t-1}): their mean and best-of-n reward, how many pairs were kept, and on
+sandbox prompts the winner's curse of selection: the gold reward of the response the judge
+chose against the best gold reward among the n (and of the one it rejected).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import torch
 from ..config import ModelConfig
 from ..data.batching import collate_rows
 from ..data.chat import IGNORE, encode_prompt
-from ..data.readers import iter_records, read_records
+from ..data.readers import iter_records, iter_rows, read_records
 from ..data.records import Prompt, Rollout
 from ..distributed import device, run_batched, to_device
 from ..generation.hf import generate_hf
 from ..generation.sampling import Sample, SamplingConfig
 from ..models.loading import load_model, load_tokenizer, pad_id
 from ..models.logprobs import response_logps
+from ..online.annotate import gold_rewards
 from .policy import gold_metrics
 
 
@@ -59,12 +62,28 @@ def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, 
 
 
 def _rollout_stats(d: Path) -> dict:
-    rewards = [ro.rewards for ro in iter_records(d / "scored.jsonl", Rollout)]
+    rollouts = list(iter_records(d / "scored.jsonl", Rollout))
+    rewards = [ro.rewards for ro in rollouts]
     flat = [r for rs in rewards for r in rs]
     stats = json.loads((d / "pairs.stats.json").read_text())
-    return {"rollout_rm_reward": sum(flat) / len(flat),
-            "rollout_best_of_n": sum(max(rs) for rs in rewards) / len(rewards),
-            "pairs": stats["pairs"], "dropped_ties": stats["dropped_ties"]}
+    out = {"rollout_rm_reward": sum(flat) / len(flat),
+           "rollout_best_of_n": sum(max(rs) for rs in rewards) / len(rewards),
+           "pairs": stats["pairs"], "dropped_ties": stats["dropped_ties"]}
+    if rollouts and all(ro.meta and "answer" in ro.meta for ro in rollouts):
+        out.update(selection_gold(rollouts, iter_rows(d / "pairs.jsonl")))
+    return out
+
+
+def selection_gold(rollouts: list[Rollout], pairs) -> dict:
+    """Over the prompts that gave a pair: mean gold reward of the judge's chosen and rejected
+    responses, of the best and of all n responses. ``best - chosen`` is the winner's curse: what
+    selecting by the judge loses against selecting by gold."""
+    gold = {ro.id: g for ro, g in zip(rollouts, gold_rewards(rollouts), strict=True)}
+    rows = [(gold[p["id"]], p["meta"]["chosen_index"], p["meta"]["rejected_index"]) for _, p in pairs]
+    if not rows:
+        return {}
+    return {"chosen_gold": _mean(g[c] for g, c, _ in rows), "rejected_gold": _mean(g[r] for g, _, r in rows),
+            "best_gold": _mean(max(g) for g, _, _ in rows), "rollout_gold": _mean(sum(g) / len(g) for g, _, _ in rows)}
 
 
 def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator, seed: int) -> dict:

@@ -52,7 +52,7 @@ class AnnotateConfig(Config):
 def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
     """Load the annotator once; return a function from rollouts to per-response rewards."""
     if cfg.kind == "gold":
-        return _gold
+        return gold_rewards
     if cfg.kind == "bt":
         from ..reward.bt import load_reward_model, score
 
@@ -78,8 +78,9 @@ def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
     return pm
 
 
-def _gold(rollouts: list[Rollout]) -> list[list[float]]:
-    from ..errors import UserError
+def gold_rewards(rollouts: list[Rollout]) -> list[list[float]]:
+    """The sandbox gold reward of every response (a response cut by the token limit pays the
+    gold missing-EOS price)."""
     from ..sandbox import gold_reward
 
     out = []

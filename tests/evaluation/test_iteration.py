@@ -26,3 +26,20 @@ def test_sample_logps_equal_an_unbatched_computation(tiny_model):
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         expected = sum(logp[len(prompt) - 1 + t, tok_id].item() for t, tok_id in enumerate(s.token_ids))
         assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_selection_gold_measures_the_winners_curse():
+    """Gold of the judge's chosen and rejected responses against the best and the mean gold of
+    the n, on hand-computed sandbox responses; a prompt without a pair does not count."""
+    from rlhf_workflow.data.records import Rollout
+    from rlhf_workflow.evaluation.iteration import selection_gold
+
+    meta = {"skill": "add", "a": 2, "b": 3, "answer": "5"}
+    responses = ["Answer: 5", "Answer: 4", "I will work it out. Answer: 5"]  # gold 1, 0, 1 - 0.02 * 5
+    ro = [Rollout(id="a", prompt="What is 2 + 3?", responses=responses, meta=meta),
+          Rollout(id="b", prompt="What is 2 + 3?", responses=responses[:2], meta=meta)]
+    pairs = [("l1", {"id": "a", "meta": {"chosen_index": 2, "rejected_index": 1}})]  # the judge liked filler
+    got = selection_gold(ro, pairs)
+    assert got == pytest.approx({"chosen_gold": 0.9, "rejected_gold": 0.0, "best_gold": 1.0,
+                                 "rollout_gold": (1 + 0 + 0.9) / 3})
+    assert selection_gold(ro, []) == {}
