@@ -322,6 +322,7 @@ def headline(summary: dict) -> dict:
     if picks:
         h["pick_gold_online"] = statistics.mean(r["chosen_gold"] for r in picks)
         h["best_gold_online"] = statistics.mean(r["best_gold"] for r in picks)
+        h["mean_gold_online_rollouts"] = statistics.mean(r["rollout_gold"] for r in picks)
     for name, r in summary["reward_models"].items():
         key = name.replace(" (ceiling)", "").replace(" vs ", "_").lower()
         h.update({f"{key}_{s}": v["accuracy"] for s, v in r["per_subset"].items()})
@@ -367,7 +368,8 @@ def claims(h: dict) -> list[str]:
                    f"{h['gold_online_pm_judge']:.3f}{cost}")
     if have("pick_gold_online", "best_gold_online"):
         out.append(f"winner's curse: the BT judge's chosen response has gold reward {h['pick_gold_online']:.3f} "
-                   f"where the best of the n has {h['best_gold_online']:.3f} (mean over iterations)")
+                   f"where the best of the n has {h['best_gold_online']:.3f} and their mean "
+                   f"{h['mean_gold_online_rollouts']:.3f} (training rollouts, mean over iterations)")
     return out
 
 
