@@ -5,6 +5,8 @@ reported, not asserted (see the README and docs/preregistration.md)."""
 
 import json
 
+import pytest
+
 from rlhf_workflow.cli import main
 
 REDUCED = [
@@ -35,3 +37,16 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", f"out={out}", *REDUCED]) == 0  # a re-run continues: nothing recomputed
     assert capsys.readouterr().out.count("done already") == 16
+
+
+def test_seeds_are_summarised_per_regime_side_by_side():
+    from rlhf_workflow.demo_results import aggregate
+
+    results = {"premise": {0: {"gold_sft": 0.3, "gold_online": 0.5}, 1: {"gold_sft": 0.5, "gold_online": None}},
+               "misspecified": {0: {"gold_sft": 0.25}, 1: {"gold_sft": 0.25}}}
+    agg, lines = aggregate(results, [0, 1])
+    assert agg["premise"]["gold_sft"] == {"mean": 0.4, "sd": pytest.approx(0.1414213), "values": [0.3, 0.5]}
+    assert agg["premise"]["gold_online"]["values"] == [0.5] and "gold_online" not in agg["misspecified"]
+    assert lines[0].startswith("| quantity | premise: mean +- sd (seeds 0, 1) | misspecified:")
+    assert lines[2] == "| gold_sft | 0.400 +- 0.141 (0.300, 0.500) | 0.250 +- 0.000 (0.250, 0.250) |"
+    assert lines[3] == "| gold_online | 0.500 +- 0.000 (0.500) | - |"
