@@ -62,23 +62,30 @@ def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, 
 
 
 def _rollout_stats(d: Path) -> dict:
-    rollouts = list(iter_records(d / "scored.jsonl", Rollout))
-    rewards = [ro.rewards for ro in rollouts]
+    """Streams the scored rollouts, keeping rewards (and, on sandbox prompts, gold rewards) only."""
+    rewards: list[list[float]] = []
+    gold: dict[str | None, list[float]] | None = {}
+    for ro in iter_records(d / "scored.jsonl", Rollout):
+        rewards.append(ro.rewards)
+        if gold is not None and ro.meta and "answer" in ro.meta:
+            gold[ro.id] = gold_rewards([ro])[0]
+        else:
+            gold = None  # not every prompt is a sandbox prompt: no gold
     flat = [r for rs in rewards for r in rs]
     stats = json.loads((d / "pairs.stats.json").read_text())
     out = {"rollout_rm_reward": sum(flat) / len(flat),
            "rollout_best_of_n": sum(max(rs) for rs in rewards) / len(rewards),
            "pairs": stats["pairs"], "dropped_ties": stats["dropped_ties"]}
-    if rollouts and all(ro.meta and "answer" in ro.meta for ro in rollouts):
-        out.update(selection_gold(rollouts, iter_rows(d / "pairs.jsonl")))
+    if gold:
+        out.update(selection_gold(gold, iter_rows(d / "pairs.jsonl")))
     return out
 
 
-def selection_gold(rollouts: list[Rollout], pairs) -> dict:
-    """Over the prompts that gave a pair: mean gold reward of the judge's chosen and rejected
-    responses, of the best and of all n responses. ``best - chosen`` is the winner's curse: what
-    selecting by the judge loses against selecting by gold."""
-    gold = {ro.id: g for ro, g in zip(rollouts, gold_rewards(rollouts), strict=True)}
+def selection_gold(gold: dict, pairs) -> dict:
+    """Over the prompts that gave a pair (``gold``: rollout id -> gold reward of each response):
+    mean gold reward of the judge's chosen and rejected responses, of the best and of all n
+    responses. ``best - chosen`` is the winner's curse: what selecting by the judge loses
+    against selecting by gold."""
     rows = [(gold[p["id"]], p["meta"]["chosen_index"], p["meta"]["rejected_index"]) for _, p in pairs]
     if not rows:
         return {}

@@ -33,13 +33,15 @@ def test_selection_gold_measures_the_winners_curse():
     the n, on hand-computed sandbox responses; a prompt without a pair does not count."""
     from rlhf_workflow.data.records import Rollout
     from rlhf_workflow.evaluation.iteration import selection_gold
+    from rlhf_workflow.online.annotate import gold_rewards
 
     meta = {"skill": "add", "a": 2, "b": 3, "answer": "5"}
     responses = ["Answer: 5", "Answer: 4", "I will work it out. Answer: 5"]  # gold 1, 0, 1 - 0.02 * 5
     ro = [Rollout(id="a", prompt="What is 2 + 3?", responses=responses, meta=meta),
           Rollout(id="b", prompt="What is 2 + 3?", responses=responses[:2], meta=meta)]
     pairs = [("l1", {"id": "a", "meta": {"chosen_index": 2, "rejected_index": 1}})]  # the judge liked filler
-    got = selection_gold(ro, pairs)
+    gold = {r.id: g for r, g in zip(ro, gold_rewards(ro), strict=True)}
+    got = selection_gold(gold, pairs)
     assert got == pytest.approx({"chosen_gold": 0.9, "rejected_gold": 0.0, "best_gold": 1.0,
                                  "rollout_gold": (1 + 0 + 0.9) / 3})
-    assert selection_gold(ro, []) == {}
+    assert selection_gold(gold, []) == {}
