@@ -98,6 +98,12 @@ class TrainConfig(Config):
     )
     progress: bool = Field(True, description="show a progress bar")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_a_word(cls, v: Any) -> Any:
+        """YAML reads an unquoted ``no`` as false: ``train.mixed_precision=no`` means "no"."""
+        return "no" if v is False else v
+
 
 class PairLimits(Config):
     """Lengths of preference-pair data (DPO, reward and preference models), checked together."""

@@ -62,3 +62,13 @@ def test_saved_config_loads_back_identically(tmp_path):
 def test_help_rows_show_stage_defaults():
     rows = {k: d for k, d, _ in describe_options(SFTConfig)}
     assert rows["train.output_dir"] == "'runs/sft'" and rows["optim.lr"] == "2e-05"
+
+
+def test_mixed_precision_no_unquoted_on_the_command_line_and_in_yaml(tmp_path):
+    """YAML reads a bare ``no`` as false; the documented value must still work both ways."""
+    assert load_config(SFTConfig, overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(SFTConfig, f).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="mixed_precision"):
+        load_config(SFTConfig, overrides=["train.mixed_precision=yes"])

@@ -21,6 +21,8 @@ Precision: weights (and so AdamW's states) stay fp32, "master weights"; with
 mode (fp32 master copy in the optimizer) for ZeRO. Training bf16/fp16 parameters with AdamW
 is refused unless asked for: at lr 5e-7 most updates round away in bf16.
 
+Attention: on CUDA, training never uses cuDNN's attention kernel (see :func:`training_attention`).
+
 Checkpoints: ``single``/``ddp``/``fsdp`` write model and optimizer with
 ``torch.distributed.checkpoint`` (one shard file per rank, reshardable to another world
 size); ZeRO writes DeepSpeed's own checkpoint. Every rank also saves its RNG states.
@@ -79,6 +81,17 @@ def inference_precision(strategy: str, precision: str, model_dtype: str) -> tupl
 # --------------------------------------------------------------------------- the engine
 
 
+def training_attention() -> None:
+    """Leave cuDNN out of ``scaled_dot_product_attention`` for training.
+
+    Since torch 2.11, cuDNN is the default SDPA kernel on H100/H200 for bf16/fp16 with a mask,
+    and its backward returns NaN gradients for some masked shapes (pytorch/pytorch#196678):
+    measured here on an H100 (torch 2.11), a reward model's first step in bf16 had a NaN
+    gradient norm with cuDNN and finite ones with the flash, memory-efficient and math kernels.
+    The other kernels take over at about the same speed. The switch is process-wide."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class Engine:
     """One strategy's way of wrapping, stepping, checkpointing and exporting a model."""
 
@@ -92,6 +105,8 @@ class Engine:
                             f"with {strategy}")
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.model = self.optimizer = None
+        if device.type == "cuda":
+            training_attention()
 
     # ----------------------------------------------------------------- wrapping
 
