@@ -137,15 +137,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         _stage("judge SFT", out / "judge_sft" / "model" / "config.json", run_sft, cfg.judge_sft)
     _stage("BT reward model", out / "rm" / "model" / "config.json", run_rm_train, cfg.rm)
     _stage("preference model", out / "pm" / "model" / "config.json", run_pm_train, cfg.pm)
-    gold_test = out / "data" / "prefs_test_gold.jsonl"
-    _stage("test pairs in gold order", gold_test, _gold_ordered, out / "data" / "prefs_test.jsonl", gold_test)
+    gold_test, skills_test = out / "data" / "prefs_test_gold.jsonl", out / "data" / "prefs_test_gold_skills.jsonl"
+    _stage("test pairs in gold order", skills_test, _gold_ordered, out / "data" / "prefs_test.jsonl", gold_test,
+           skills_test)
     for name, cls, fn, key, length in (("BT eval", RMEvalConfig, run_rm_eval, "rm", cfg.rm.data.max_length),
                                        ("PM eval", PMEvalConfig, run_pm_eval, "pm", cfg.pm.data.max_length)):
-        for labels, test in (("", out / "data" / "prefs_test.jsonl"), ("_gold", gold_test)):
+        for labels, test in (("", out / "data" / "prefs_test.jsonl"), ("_gold", gold_test),
+                             ("_gold_skills", skills_test)):
             result = out / "eval" / f"{key}{labels}.json"
             judge = cls(model=ModelConfig(path=str(out / key / "model")), input=str(test), max_length=length,
                         out=str(result), progress=False)
-            _stage(f"{name} against {'gold' if labels else 'the annotator'}", result, fn, judge)
+            _stage(f"{name} against {_AGAINST[labels]}", result, fn, judge)
     for run, title in _runs(cfg):
         _stage(title, Path(run.out) / "summary.json", run_loop, run)
     if cfg.offline:
@@ -220,9 +222,13 @@ def _stage(name: str, done_marker: Path, fn, *args) -> None:
     print(f"[demo] {name}: {time.perf_counter() - t:.0f}s", flush=True)
 
 
-def _gold_ordered(src: Path, dst: Path) -> None:
+_AGAINST = {"": "the annotator", "_gold": "gold", "_gold_skills": "gold, per skill"}
+
+
+def _gold_ordered(src: Path, dst: Path, by_skill: Path) -> None:
     """The held-out pairs with chosen = the response gold prefers (a judge's accuracy against
-    gold, beside its accuracy against the annotator's noisy labels)."""
+    gold, beside its accuracy against the annotator's noisy labels); ``by_skill``: the same
+    pairs with subset ``<subset>/<skill>`` (which questions a judge can check)."""
     rows = []
     for _, r in iter_rows(src):
         m = r["meta"]
@@ -230,6 +236,7 @@ def _gold_ordered(src: Path, dst: Path) -> None:
             r = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
         rows.append(r)
     write_jsonl(dst, rows)
+    write_jsonl(by_skill, ({**r, "subset": f"{r['subset']}/{r['meta']['skill']}"} for r in rows))
 
 
 def _offline_dpo(cfg: DemoConfig, out: Path) -> None:
@@ -271,12 +278,14 @@ def _summary(cfg: DemoConfig, out: Path) -> dict:
             if r:
                 judges[f"{name} vs {labels}"] = {"per_subset": r["subsets"], "accuracy": r["overall"]}
     judges["annotator vs gold (ceiling)"] = annotator_agreement(out / "data" / "prefs_test.jsonl")
+    skills = {f"{name} vs gold": {s: v["accuracy"] for s, v in r["subsets"].items()}
+              for name, key in (("BT", "rm"), ("PM", "pm")) if (r := _read_if_there(out / "eval" / f"{key}_gold_skills.json"))}
     seconds = {name: mean_seconds(its, "annotate") for name, its in runs.items()}
     n = cfg.online.generate.sampling.n
     cost = {"comparisons_per_prompt": rank(lambda m: [0.5] * len(m), [n], cfg.online.annotate.annotator.pm_mode)[0]
             .n_calls // 2, "annotate_seconds_per_iteration": seconds}
     summary = {"seed": cfg.seed, "regime": cfg.regime, "length_bias": cfg.data.length_bias, "policies": policies,
-               "runs": runs, "reward_models": judges, "judge_cost": cost}
+               "runs": runs, "reward_models": judges, "judge_skills": skills, "judge_cost": cost}
     summary["headline"] = headline(summary)
     summary["claims"] = claims(summary["headline"])
     return summary

@@ -96,6 +96,12 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
         for name, r in rms.items():
             accs = [_f(r["per_subset"].get(s, {}).get("accuracy")) for s in subsets]
             out.append(f"| {name} | " + " | ".join(accs) + f" | {_f(r.get('accuracy'))} |")
+    skills = summary.get("judge_skills") or {}
+    if skills:
+        cols = sorted({s for r in skills.values() for s in r})
+        out += ["", "Against gold, per skill (a skill near 0.5 is one whose answers the judge does not check):", "",
+                "| judge | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        out += [f"| {name} | " + " | ".join(_f(r.get(s)) for s in cols) + " |" for name, r in skills.items()]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
     return "\n".join(out) + "\n"

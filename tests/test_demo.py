@@ -45,9 +45,20 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert row["best_gold"] == pytest.approx(sum(bests) / len(bests))
     assert h["annotator_gold_reasoning"] > 0.9 and 0.5 < h["annotator_gold_chat"] < 0.9  # noise, no bias
     assert len(summary["claims"]) == 6
+    # per skill: the same gold-ordered pairs split by skill; their count-weighted mean is the
+    # judge's accuracy against gold on the subset
+    for key, name in (("rm", "BT vs gold"), ("pm", "PM vs gold")):
+        per = json.loads((out / "eval" / f"{key}_gold_skills.json").read_text())["subsets"]
+        assert set(per) == {f"{s}/{k}" for s in ("chat", "reasoning") for k in ("add", "compare", "reverse", "sort")}
+        assert summary["judge_skills"][name] == {s: r["accuracy"] for s, r in per.items()}
+        for sub in ("chat", "reasoning"):
+            parts = [r for s, r in per.items() if s.startswith(sub + "/")]
+            weighted = sum(r["accuracy"] * r["n"] for r in parts) / sum(r["n"] for r in parts)
+            assert weighted == pytest.approx(summary["reward_models"][name]["per_subset"][sub]["accuracy"])
+    assert "per skill" in report and "reasoning/add" in report
     capsys.readouterr()
     assert main(["demo", f"out={out}", *REDUCED]) == 0  # a re-run continues: nothing recomputed
-    assert capsys.readouterr().out.count("done already") == 16
+    assert capsys.readouterr().out.count("done already") == 18
 
 
 def test_seeds_are_summarised_per_regime_side_by_side():
