@@ -226,9 +226,9 @@ def train(
             reduced = all_sum(torch.stack([x.float().reshape(()) for x in local])).tolist()
             loss = reduced[0] / items
             grad_norm, updated = eng.step(optim.max_grad_norm, skip=not math.isfinite(loss))
-            scheduler.step()
             if not (updated and math.isfinite(loss) and math.isfinite(grad_norm)):
                 skipped = _nonfinite(cfg, out, step + 1, loss, grad_norm, skipped)
+            scheduler.step()  # after the check: a stopped run's error is its last line
             tokens_seen += reduced[-3]
             record = {"step": step + 1, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "items": items}
