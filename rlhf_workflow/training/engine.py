@@ -86,9 +86,9 @@ def training_attention() -> None:
 
     Since torch 2.11, cuDNN is the default SDPA kernel on H100/H200 for bf16/fp16 with a mask,
     and its backward returns NaN gradients for some masked shapes (pytorch/pytorch#196678):
-    measured here on an H100 (torch 2.11), a reward model's first step in bf16 had a NaN
-    gradient norm with cuDNN and finite ones with the flash, memory-efficient and math kernels.
-    The other kernels take over at about the same speed. The switch is process-wide."""
+    measured on an H100 (torch 2.11), a reward model's first step in bf16 had a NaN gradient
+    norm with cuDNN and finite ones with the memory-efficient and math kernels and eager
+    attention. The memory-efficient kernel takes over. The switch is process-wide."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
