@@ -228,7 +228,7 @@ def train(
             grad_norm, updated = eng.step(optim.max_grad_norm, skip=not math.isfinite(loss))
             if not (updated and math.isfinite(loss) and math.isfinite(grad_norm)):
                 skipped = _nonfinite(cfg, out, step + 1, loss, grad_norm, skipped)
-            scheduler.step()  # after the check: a stopped run's error is its last line
+            scheduler.step()  # after the check: no scheduler warning in front of a stopped run's error
             tokens_seen += reduced[-3]
             record = {"step": step + 1, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "items": items}
