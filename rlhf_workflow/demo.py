@@ -142,12 +142,12 @@ def run_demo(cfg: DemoConfig) -> dict:
            skills_test)
     for name, cls, fn, key, length in (("BT eval", RMEvalConfig, run_rm_eval, "rm", cfg.rm.data.max_length),
                                        ("PM eval", PMEvalConfig, run_pm_eval, "pm", cfg.pm.data.max_length)):
-        for labels, test in (("", out / "data" / "prefs_test.jsonl"), ("_gold", gold_test),
-                             ("_gold_skills", skills_test)):
+        for labels, test, against in (("", out / "data" / "prefs_test.jsonl", "the annotator"),
+                                      ("_gold", gold_test, "gold"), ("_gold_skills", skills_test, "gold, per skill")):
             result = out / "eval" / f"{key}{labels}.json"
             judge = cls(model=ModelConfig(path=str(out / key / "model")), input=str(test), max_length=length,
                         out=str(result), progress=False)
-            _stage(f"{name} against {_AGAINST[labels]}", result, fn, judge)
+            _stage(f"{name} against {against}", result, fn, judge)
     for run, title in _runs(cfg):
         _stage(title, Path(run.out) / "summary.json", run_loop, run)
     if cfg.offline:
@@ -220,9 +220,6 @@ def _stage(name: str, done_marker: Path, fn, *args) -> None:
     t = time.perf_counter()
     fn(*args)
     print(f"[demo] {name}: {time.perf_counter() - t:.0f}s", flush=True)
-
-
-_AGAINST = {"": "the annotator", "_gold": "gold", "_gold_skills": "gold, per skill"}
 
 
 def _gold_ordered(src: Path, dst: Path, by_skill: Path) -> None:
