@@ -317,6 +317,12 @@ def check_loop(cfg: LoopConfig) -> list[Finding]:
         out += check_pad("judge", judge)
         if getattr(tok, "chat_template", None):  # encoders read text pairs
             out += check_template("judge", tok, earlier_turns=False)
+    elif judge_cfg.kind == "dpo":
+        out += check_template("judge", tok, earlier_turns=False)
+        ref = _load_for_check("judge reference", ModelConfig(path=judge_cfg.reference), out)
+        if ref is not None and ref.tokenizer.get_vocab() != tok.get_vocab():
+            out.append(Finding("judge", "error", f"its reference {judge_cfg.reference} has another tokenizer",
+                               "annotator.reference must be the model the DPO judge was trained from"))
     else:
         out += check_template("judge", tok, earlier_turns=False) + check_labels("judge", tok)
     out += check_lengths("judge", judge.config, {"annotate.annotator.max_length": judge_cfg.max_length})

@@ -205,6 +205,15 @@ def test_rlhf_check(tiny_model, trained_rm, tmp_path, capsys):
     assert captured.err.strip() == "error: check: 3 error(s) above; fix them before the loop runs"
 
 
+def test_rlhf_check_on_a_dpo_judge_wants_its_reference(tiny_model, other_judge, tmp_path, capsys):
+    dpo = {"kind": "dpo", "path": str(tiny_model), "reference": str(tiny_model), "max_length": 256}
+    ok = _loop_yaml(tmp_path / "ok.yaml", tiny_model, tiny_model, annotate={"annotator": dpo})
+    assert main(["check", "--config", str(ok)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("judge dpo " + f"{tiny_model}: 0 error(s), 0 other finding(s)")
+    assert main(["check", "--config", str(ok), f"annotate.annotator.reference={other_judge}"]) == 2
+    assert f"judge: error: its reference {other_judge} has another tokenizer" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def other_judge(tmp_path_factory):
     """A BT judge with its own tokenizer (Llama-3 template, 400 tokens) and random weights."""

@@ -116,10 +116,11 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
     else:
         del model
     gc.collect()
-    if annotator.kind == "bt":  # (a PM gives no absolute reward; gold is reported below)
+    if annotator.kind in ("bt", "dpo"):  # (a PM gives no absolute reward; gold is reported below)
         from ..reward.bt import load_reward_model, score
 
-        rm, rm_tok = load_reward_model(annotator.path, annotator.dtype)
+        rm, rm_tok = load_reward_model(annotator.path, annotator.dtype, reference=annotator.reference,
+                                       beta=annotator.beta)
         rewards = score(rm, rm_tok, flat_p, flat_r, annotator.batch_size, annotator.max_length, progress=False)
         per_prompt = [rewards[i : i + sampling.n] for i in range(0, len(rewards), sampling.n)]
         out.update(rm_reward=_mean(rewards), rm_best_of_n=_mean([max(g) for g in per_prompt]))

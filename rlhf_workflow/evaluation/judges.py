@@ -1,7 +1,7 @@
-"""How good a judge is: ``rlhf rm eval`` / ``rlhf pm eval`` (a BT reward model or a pairwise
-preference model on RewardBench v1 pairs or v2 best-of-4, or any pair file, scored as the
-official leaderboards do; the rules are in :mod:`.rewardbench`), and the held-out evaluation
-the judge trainers run (:func:`evaluate_bt`, :func:`evaluate_pm`), which counts the same way.
+"""How good a judge is: ``rlhf rm eval`` / ``rlhf pm eval`` (a BT reward model, a DPO model's
+implicit reward, or a pairwise preference model on RewardBench v1 pairs or v2 best-of-4, or any
+pair file, scored as the official leaderboards do; the rules are in :mod:`.rewardbench`), and
+the held-out evaluation the judge trainers run (:func:`evaluate_bt`, :func:`evaluate_pm`), which counts the same way.
 
 The format follows the records (``format=auto``): ``chosen`` / ``rejected`` as strings (or
 conversations) are v1 pairs; lists of strings are v2 best-of-n records. Without ``--in`` the
@@ -15,7 +15,7 @@ hub's ``allenai/reward-bench`` (``filtered``) or, with ``format=v2``,
   always ranked by round robin, as its formula needs every response's score).
 
 A table goes to the terminal, the full result to JSON. (One module for all of a judge's
-evaluation, about 370 lines: the commands and the trainers' held-out evaluation count pairs
+evaluation, about 380 lines: the commands and the trainers' held-out evaluation count pairs
 the same way, so they stay together.)
 """
 
@@ -39,6 +39,7 @@ from ..distributed import rank_and_world
 from ..errors import UserError
 from ..io import write_json
 from ..losses import bt_loss
+from ..models.loading import pad_id
 from ..reward.bt import load_reward_model, score_tokenized
 from ..reward.encoding import encode
 from ..reward.pm import compare, load_preference_model
@@ -85,6 +86,10 @@ class _EvalConfig(Config):
 
 class RMEvalConfig(_EvalConfig):
     model: ModelConfig = ModelConfig(path="runs/rm/model")
+    reference: str | None = Field(
+        None, description="score the DPO implicit reward of the causal LM model.path against this reference "
+        "(the model it was DPO-trained from), instead of a BT reward model's head")
+    beta: float = Field(0.1, gt=0, description="the implicit reward's beta (with reference)")
     max_length: int = Field(2048, ge=16, description="tokens per sequence (prompt + response)")
     max_prompt_length: int | None = Field(
         None, ge=1, description="prompt tokens kept when too long (default max_length // 2)"
@@ -195,20 +200,24 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
     fmt, source, split = resolve_input(cfg)
     if fmt == "v1":
         rows, skipped = read_pairs(source, split, cfg.on_bad)
-        model, tokenizer = load_reward_model(cfg.model)
+        model, tokenizer = load_reward_model(cfg.model, reference=cfg.reference, beta=cfg.beta)
         seqs, truncated = _encode(cfg, tokenizer, [(r.pair.conversations()[0], resp) for r in rows
                                                     for resp in r.pair.conversations()[1:]])
         r = _score(cfg, model, tokenizer, seqs)
         result = summarize([row.pair.subset for row in rows], [c - j for c, j in zip(r[::2], r[1::2], strict=True)],
                            cfg.ties, cfg.prior_sets)
-        return _report(cfg, result, source, "bt", skipped, truncated)
+        return _report(cfg, result, source, _rm_kind(cfg), skipped, truncated)
     records, skipped = read_best_of_n(source, split, cfg.on_bad)
-    model, tokenizer = load_reward_model(cfg.model)
+    model, tokenizer = load_reward_model(cfg.model, reference=cfg.reference, beta=cfg.beta)
     seqs, truncated = _encode(cfg, tokenizer, [(rec.prompt, [{"role": "assistant", "content": text}])
                                                 for rec in records for text in rec.responses])
     values = iter(_score(cfg, model, tokenizer, seqs))
     scores = [[next(values) for _ in rec.responses] for rec in records]
-    return _report(cfg, _v2(records, scores), source, "bt", skipped, truncated)
+    return _report(cfg, _v2(records, scores), source, _rm_kind(cfg), skipped, truncated)
+
+
+def _rm_kind(cfg: RMEvalConfig) -> str:
+    return "bt" if cfg.reference is None else f"dpo (reference {cfg.reference}, beta {cfg.beta})"
 
 
 def _encode(cfg: RMEvalConfig, tokenizer, items: list[tuple[list[dict], list[dict]]]) -> tuple[list, int]:
@@ -220,7 +229,7 @@ def _encode(cfg: RMEvalConfig, tokenizer, items: list[tuple[list[dict], list[dic
 
 
 def _score(cfg: RMEvalConfig, model, tokenizer, seqs) -> list[float]:
-    return score_tokenized(model, seqs, tokenizer.pad_token_id, cfg.batch_size, cfg.progress, shard=True)
+    return score_tokenized(model, seqs, pad_id(tokenizer), cfg.batch_size, cfg.progress, shard=True)
 
 
 def run_pm_eval(cfg: PMEvalConfig) -> dict:

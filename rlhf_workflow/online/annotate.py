@@ -1,6 +1,8 @@
 """``rlhf annotate``: a reward for every response of every rollout.
 
 ``kind: bt`` scores each response with a Bradley-Terry reward model (length-sorted batches);
+``kind: dpo`` with the DPO implicit reward of a DPO-trained policy against its ``reference``
+(:mod:`..reward.implicit`);
 ``kind: pm`` ranks the n responses of a prompt with a pairwise preference model (knockout
 tournament or round robin), whose scores order the responses for pair selection;
 ``kind: gold`` uses the sandbox's programmatic gold reward (prompts with sandbox ``meta``):
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import Config, save_config
 from ..data.readers import iter_records
@@ -30,9 +32,13 @@ Scorer = Callable[[list[Rollout]], list[list[float]]]
 
 
 class AnnotatorConfig(Config):
-    path: str = Field("sfairXC/FsfairX-LLaMA3-RM-v0.1", description="reward model (bt) or preference model (pm)")
-    kind: Literal["bt", "pm", "gold"] = Field(
-        "bt", description="Bradley-Terry scores, pairwise-preference ranking, or the sandbox gold reward")
+    path: str = Field("sfairXC/FsfairX-LLaMA3-RM-v0.1",
+                      description="reward model (bt), DPO-trained policy (dpo) or preference model (pm)")
+    kind: Literal["bt", "dpo", "pm", "gold"] = Field(
+        "bt", description="Bradley-Terry scores, the DPO implicit reward, pairwise-preference ranking, or the "
+        "sandbox gold reward")
+    reference: str | None = Field(None, description="dpo: the model the DPO policy was trained from")
+    beta: float = Field(0.1, gt=0, description="dpo: the implicit reward's beta")
     pm_mode: Literal["tournament", "round_robin"] = Field("tournament", description="PM ranking of the n responses")
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="dtype of the scoring model: fp32 (default) keeps rewards exact; bf16 halves "
@@ -40,6 +46,12 @@ class AnnotatorConfig(Config):
     batch_size: int = Field(16, ge=1, description="sequences per forward pass")
     max_length: int = Field(4096, ge=8, description="tokens per scored sequence (prompt cut first)")
     truncation_penalty: float = Field(0.0, ge=0, description="subtracted from responses that hit the token limit")
+
+    @model_validator(mode="after")
+    def _dpo_has_reference(self) -> AnnotatorConfig:
+        if (self.kind == "dpo") != (self.reference is not None):
+            raise ValueError("annotator.reference is the DPO judge's reference: set it with kind=dpo, and only then")
+        return self
 
 
 class AnnotateConfig(Config):
@@ -53,10 +65,10 @@ def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
     """Load the annotator once; return a function from rollouts to per-response rewards."""
     if cfg.kind == "gold":
         return gold_rewards
-    if cfg.kind == "bt":
+    if cfg.kind in ("bt", "dpo"):
         from ..reward.bt import load_reward_model, score
 
-        model, tok = load_reward_model(cfg.path, cfg.dtype, device)
+        model, tok = load_reward_model(cfg.path, cfg.dtype, device, cfg.reference, cfg.beta)
 
         def bt(rollouts: list[Rollout]) -> list[list[float]]:
             flat = [(ro.messages(), r) for ro in rollouts for r in ro.responses]

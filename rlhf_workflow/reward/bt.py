@@ -33,7 +33,14 @@ from ..distributed import run_batched, to_device
 from ..errors import UserError
 from ..io import write_json
 from ..losses import bt_loss
-from ..models.loading import load_model, load_tokenizer, param_dtype, unwrap, uses_flash_attention
+from ..models.loading import (
+    load_model,
+    load_tokenizer,
+    pad_id,
+    param_dtype,
+    unwrap,
+    uses_flash_attention,
+)
 from ..training.checkpoints import start_run
 from ..training.loop import StepOutput, TrainData, train
 from .encoding import (
@@ -44,6 +51,7 @@ from .encoding import (
     tokenize_pairs,
     uses_chat_template,
 )
+from .implicit import ImplicitReward, load_implicit_reward
 
 # --------------------------------------------------------------------------- configs
 
@@ -139,13 +147,14 @@ def score_tokenized(
     sort_by_length: bool = True,
     shard: bool = False,
 ) -> list[float]:
-    """Rewards of tokenized sequences in their order, computed in length-sorted batches (with
-    ``shard``, shared out over the ranks of the process group)."""
+    """Rewards of tokenized sequences in their order (of a BT model, or an
+    :class:`.implicit.ImplicitReward`), computed in length-sorted batches (with ``shard``,
+    shared out over the ranks of the process group)."""
     device = next(model.parameters()).device
 
     def run(idx: list[int]) -> torch.Tensor:
-        batch = collate_rows([[(seqs[i].input_ids, seqs[i].targets())] for i in idx], pad_id)
-        return bt_rewards(model, to_device(batch, device))
+        batch = to_device(collate_rows([[(seqs[i].input_ids, seqs[i].targets())] for i in idx], pad_id), device)
+        return model(batch) if isinstance(model, ImplicitReward) else bt_rewards(model, batch)
 
     return run_batched([len(s.input_ids) for s in seqs], batch_size, run, shard,
                        "score" if progress else None, sort_by_length).tolist()
@@ -166,7 +175,8 @@ def score(
     the model's dtype decides the precision (see :func:`load_reward_model`)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    check_pad(model, tokenizer)
+    if not isinstance(model, ImplicitReward):
+        check_pad(model, tokenizer)
     model.eval()
     seqs = [
         encode(tokenizer, p, [{"role": "assistant", "content": r}], max_length, max_prompt_length)[
@@ -174,15 +184,18 @@ def score(
         ]
         for p, r in zip(prompts, responses, strict=True)
     ]
-    return score_tokenized(
-        model, seqs, tokenizer.pad_token_id, batch_size, progress, sort_by_length
-    )
+    return score_tokenized(model, seqs, pad_id(tokenizer), batch_size, progress, sort_by_length)
 
 
-def load_reward_model(spec: ModelConfig | str | Path, dtype: str = "fp32", device=None):
+def load_reward_model(spec: ModelConfig | str | Path, dtype: str = "fp32", device=None,
+                      reference: str | None = None, beta: float = 0.1):
     """(model, tokenizer) of a trained reward model (a model spec, or a path loaded in
-    ``dtype``) in eval mode, on ``device`` (default: this process's device)."""
+    ``dtype``) in eval mode, on ``device`` (default: this process's device); with
+    ``reference``, the DPO implicit reward of the policy ``spec`` (:mod:`.implicit`)."""
     spec = spec if isinstance(spec, ModelConfig) else ModelConfig(path=str(spec), dtype=dtype)
+    if reference is not None:
+        judge, tokenizer = load_implicit_reward(spec, reference, beta)
+        return judge.to(device or distributed_device()).eval(), tokenizer
     tokenizer = load_tokenizer(spec)
     model, missing = load_seq_cls(spec)
     if missing:
@@ -251,13 +264,13 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
         + (f", skipped invalid: {fmt_counts(bad)}" if bad else "")
     )
 
-    pad_id = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     shared = d.share_prompt and shares_prompt(model, tokenizer)
     print("rm: " + ("one row per pair, prompt shared" if shared else "two rows per pair"))
 
     def collate(batch_rows: list[list[int]]) -> dict:
         items = [train_set[r[0]] for r in batch_rows]
-        batch = collate_pairs([tok for _, tok in items], pad_id, shared)
+        batch = collate_pairs([tok for _, tok in items], pad, shared)
         if d.margin_field:
             batch["margin"] = torch.tensor([row.margin for row, _ in items])
         return batch
@@ -265,7 +278,7 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
     def evaluate(m) -> dict[str, float]:
         from ..evaluation.judges import evaluate_bt
 
-        return evaluate_bt(m, test_set, pad_id, cfg.eval_batch_size) if test_set else {}
+        return evaluate_bt(m, test_set, pad, cfg.eval_batch_size) if test_set else {}
 
     data = TrainData([tok.shared_len() if shared else len(tok) for _, tok in train_set], collate)
 
