@@ -1,13 +1,15 @@
 """``rlhf demo``: the whole workflow on the built-in sandbox, on a laptop CPU, resumable.
 
 1. sandbox data, a tokenizer and a tiny policy; 2. SFT; 3. a BT reward model and a
-pairwise preference model trained from the SFT model on the (length-biased) sandbox
-preference pairs, both evaluated per subset; 4. offline DPO from the SFT model on a fixed
-set of annotator pairs as large as the online run labels in total; 5. online iterative DPO
-(3 iterations, n = 8, max_min pairs, BT annotator, reference = SFT); 6. the same online run
-with a length penalty, and with the gold reward as the judge (an oracle reference run that
-separates the loop's behaviour from the reward model's errors); 7. gold evaluation of every policy on held-out prompts (the loop's
-evaluation, one code path for all); 8. ``report.md``/``report.html`` with plots.
+pairwise preference model trained from the SFT model on the sandbox preference pairs (with
+``judge=dpo`` also a DPO judge), each evaluated per subset and skill; 4. offline DPO from the
+SFT model on a fixed set of annotator pairs as large as the online run labels in total;
+5. online iterative DPO (3 iterations, n = 8, max_min pairs, reference = SFT) judged by the BT
+model (or the DPO judge's implicit reward); 6. the same online run with a length penalty, with
+the gold reward as the judge (an oracle reference run that separates the loop's behaviour from
+the reward model's errors) and with the PM tournament as the judge; 7. gold evaluation of every
+policy on held-out prompts (the loop's evaluation, one code path for all); 8. ``report.md`` /
+``report.html`` with plots.
 
 Every stage writes under ``out`` and is skipped when its output exists, so re-running the
 command continues a half-finished demo. Paths inside the stage sections are set by the demo;
@@ -77,6 +79,12 @@ SANDBOX_DPO = DPOConfig(  # the loop's DPO stage; its paths are the loop's (or, 
     train=TrainConfig(output_dir=BY_LOOP, **_QUIET, epochs=2, global_batch_size=16, micro_batch_size=16,
                       log_every=10, save_every=20),
 )
+SANDBOX_DPO_JUDGE = DPOConfig(  # judge=dpo: DPO from the judge backbone on the judge's pairs (preregistration.md)
+    model=ModelConfig(path=SET), reference=ReferenceConfig(path=SET),
+    data=DPODataConfig(train=SET, max_length=256), loss=LossConfig(beta=0.1),
+    optim=OptimConfig(lr=3e-4, warmup_ratio=0.03),
+    train=_train(epochs=1, global_batch_size=16, micro_batch_size=16, log_every=50, save_every=0),
+)
 SANDBOX_LOOP = LoopConfig(
     out=SET, iterations=3, policy=ModelConfig(path=SET), reference="sft",
     prompts=PromptPoolConfig(source=SET, per_iteration=200),
@@ -111,6 +119,11 @@ class DemoConfig(Config):
         "model config (e.g. judge_model.hidden_size=256) = a separate model, SFT-trained on the same "
         "demonstrations with judge_sft's settings, from which the RM and the PM start")
     judge_sft: SFTConfig = SANDBOX_SFT
+    judge: Literal["bt", "dpo"] = Field(
+        "bt", description="the online loop's judge: bt = the BT reward model (the paper's); dpo = the DPO implicit "
+        "reward beta * log(pi/pi_backbone) of a policy DPO-trained from the judge backbone on the judge's pairs "
+        "(dpo_judge's settings), a judge that checks answers against the question (docs/preregistration.md)")
+    dpo_judge: DPOConfig = SANDBOX_DPO_JUDGE
     rm: RMConfig = SANDBOX_RM
     pm: PMConfig = SANDBOX_PM
     online: LoopConfig = SANDBOX_LOOP
@@ -137,17 +150,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         _stage("judge SFT", out / "judge_sft" / "model" / "config.json", run_sft, cfg.judge_sft)
     _stage("BT reward model", out / "rm" / "model" / "config.json", run_rm_train, cfg.rm)
     _stage("preference model", out / "pm" / "model" / "config.json", run_pm_train, cfg.pm)
+    if cfg.judge == "dpo":
+        _stage("DPO judge", out / "dpo_judge" / "model" / "config.json", run_dpo, cfg.dpo_judge)
     gold_test, skills_test = out / "data" / "prefs_test_gold.jsonl", out / "data" / "prefs_test_gold_skills.jsonl"
     _stage("test pairs in gold order", skills_test, _gold_ordered, out / "data" / "prefs_test.jsonl", gold_test,
            skills_test)
-    for name, cls, fn, key, length in (("BT eval", RMEvalConfig, run_rm_eval, "rm", cfg.rm.data.max_length),
-                                       ("PM eval", PMEvalConfig, run_pm_eval, "pm", cfg.pm.data.max_length)):
+    for name, key, judge in _judges(cfg, out):
         for labels, test, against in (("", out / "data" / "prefs_test.jsonl", "the annotator"),
                                       ("_gold", gold_test, "gold"), ("_gold_skills", skills_test, "gold, per skill")):
             result = out / "eval" / f"{key}{labels}.json"
-            judge = cls(model=ModelConfig(path=str(out / key / "model")), input=str(test), max_length=length,
-                        out=str(result), progress=False)
-            _stage(f"{name} against {against}", result, fn, judge)
+            run = judge.model_copy(update={"input": str(test), "out": str(result), "progress": False})
+            _stage(f"{name} eval against {against}", result, run_pm_eval if key == "pm" else run_rm_eval, run)
     for run, title in _runs(cfg):
         _stage(title, Path(run.out) / "summary.json", run_loop, run)
     if cfg.offline:
@@ -160,6 +173,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("\n" + screen(summary))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; report: {out / 'report.md'}")
     return summary
+
+
+def _judges(cfg: DemoConfig, out: Path) -> list[tuple[str, str, RMEvalConfig | PMEvalConfig]]:
+    """(name, folder, evaluation config) of each trained judge."""
+    judges = [("BT", "rm", RMEvalConfig(model=ModelConfig(path=str(out / "rm" / "model")),
+                                         max_length=cfg.rm.data.max_length)),
+              ("PM", "pm", PMEvalConfig(model=ModelConfig(path=str(out / "pm" / "model")),
+                                         max_length=cfg.pm.data.max_length))]
+    if cfg.judge == "dpo":
+        judges.append(("DPO", "dpo_judge", RMEvalConfig(
+            model=ModelConfig(path=str(out / "dpo_judge" / "model")), max_length=cfg.dpo_judge.data.max_length,
+            reference=cfg.dpo_judge.reference.path, beta=cfg.dpo_judge.loss.resolved_beta)))
+    return judges
 
 
 def _runs(cfg: DemoConfig) -> list[tuple[LoopConfig, str]]:
@@ -176,12 +202,15 @@ def _runs(cfg: DemoConfig) -> list[tuple[LoopConfig, str]]:
             (variant("online_length_penalty", lambda r: setattr(r.select, "length_penalty", cfg.length_penalty)),
              f"online iterative DPO, length penalty {cfg.length_penalty}/char")]
     if cfg.gold_judge:
-        runs.append((variant("online_gold_judge", lambda r: setattr(r.annotate.annotator, "kind", "gold")),
+        def gold(r: LoopConfig) -> None:
+            r.annotate.annotator = r.annotate.annotator.model_copy(update={"kind": "gold", "reference": None})
+        runs.append((variant("online_gold_judge", gold),
                      "online iterative DPO, gold reward as the judge (reference run)"))
     if cfg.pm_judge:
         def pm(r: LoopConfig) -> None:
             r.annotate.annotator = r.annotate.annotator.model_copy(update={
-                "kind": "pm", "path": str(out / "pm" / "model"), "max_length": cfg.pm.data.max_length})
+                "kind": "pm", "path": str(out / "pm" / "model"), "max_length": cfg.pm.data.max_length,
+                "reference": None})
         runs.append((variant("online_pm_judge", pm), "online iterative DPO, PM tournament as the judge"))
     return runs
 
@@ -204,10 +233,17 @@ def _with_paths(cfg: DemoConfig, out: Path) -> DemoConfig:
     for stage in (cfg.rm, cfg.pm):  # judges start from an SFT model, as in the paper
         stage.model.path = judge
         stage.data.train, stage.data.test = str(data / "prefs_train.jsonl"), str(data / "prefs_test.jsonl")
+    dj = cfg.dpo_judge
+    dj.model.path, dj.reference.path, dj.data.train = judge, judge, str(data / "prefs_train.jsonl")
+    dj.train.output_dir, dj.train.seed = str(out / "dpo_judge"), cfg.seed
     o = cfg.online
     o.out, o.seed, o.policy.path = str(out / "online"), cfg.seed, sft
     o.prompts.source = str(data / "prompts_train.jsonl")
     o.annotate.annotator.path = str(out / "rm" / "model")
+    if cfg.judge == "dpo":
+        o.annotate.annotator = o.annotate.annotator.model_copy(update={
+            "kind": "dpo", "path": str(out / "dpo_judge" / "model"), "reference": judge,
+            "beta": dj.loss.resolved_beta})
     o.eval.prompts = str(data / "prompts_eval.jsonl")
     return cfg
 
@@ -268,23 +304,23 @@ def _summary(cfg: DemoConfig, out: Path) -> dict:
     policies = {"sft": runs["online"][0]}
     if cfg.offline:
         policies["offline_dpo"] = _read_if_there(out / "eval" / "offline.json")
-    judges = {}
-    for name, key in (("BT", "rm"), ("PM", "pm")):
+    judges, trained = {}, [(name, key) for name, key, _ in _judges(cfg, out)]
+    for name, key in trained:
         for labels, suffix in (("annotator", ""), ("gold", "_gold")):
             r = _read_if_there(out / "eval" / f"{key}{suffix}.json")
             if r:
                 judges[f"{name} vs {labels}"] = {"per_subset": r["subsets"], "accuracy": r["overall"]}
     judges["annotator vs gold (ceiling)"] = annotator_agreement(out / "data" / "prefs_test.jsonl")
     skills = {f"{name} vs gold": {s: v["accuracy"] for s, v in r["subsets"].items()}
-              for name, key in (("BT", "rm"), ("PM", "pm")) if (r := _read_if_there(out / "eval" / f"{key}_gold_skills.json"))}
+              for name, key in trained if (r := _read_if_there(out / "eval" / f"{key}_gold_skills.json"))}
     seconds = {name: mean_seconds(its, "annotate") for name, its in runs.items()}
     n = cfg.online.generate.sampling.n
     cost = {"comparisons_per_prompt": rank(lambda m: [0.5] * len(m), [n], cfg.online.annotate.annotator.pm_mode)[0]
             .n_calls // 2, "annotate_seconds_per_iteration": seconds}
-    summary = {"seed": cfg.seed, "regime": cfg.regime, "length_bias": cfg.data.length_bias, "policies": policies,
+    summary = {"seed": cfg.seed, "regime": cfg.regime, "judge": cfg.judge, "length_bias": cfg.data.length_bias, "policies": policies,
                "runs": runs, "reward_models": judges, "judge_skills": skills, "judge_cost": cost}
     summary["headline"] = headline(summary)
-    summary["claims"] = claims(summary["headline"])
+    summary["claims"] = claims(summary["headline"], cfg.judge.upper())
     return summary
 
 

@@ -56,7 +56,8 @@ def headline(summary: dict) -> dict:
     return h
 
 
-def claims(h: dict) -> list[str]:
+def claims(h: dict, judge: str = "BT") -> list[str]:
+    """The paper's claims read from a run's headline; ``judge``: the name of the online loop's judge."""
     out = []
 
     def yes(ok: bool) -> str:
@@ -85,12 +86,12 @@ def claims(h: dict) -> list[str]:
                    f"{h['bt_gold_chat']:.3f}, PM {h['pm_gold_chat']:.3f})")
     if have("gold_online_pm_judge", "gold_sft"):
         cost = (f"; {h['pm_comparisons_per_prompt']} comparisons per prompt, annotation "
-                f"{h['annotate_s_pm']:.0f}s per iteration against {h['annotate_s_bt']:.0f}s for the BT judge"
+                f"{h['annotate_s_pm']:.0f}s per iteration against {h['annotate_s_bt']:.0f}s for the {judge} judge"
                 if have("pm_comparisons_per_prompt", "annotate_s_pm", "annotate_s_bt") else "")
         out.append(f"online iterative DPO with the PM tournament as the judge: gold {h['gold_sft']:.3f} -> "
                    f"{h['gold_online_pm_judge']:.3f}{cost}")
     if have("pick_gold_online", "best_gold_online"):
-        out.append(f"winner's curse: the BT judge's chosen response has gold reward {h['pick_gold_online']:.3f} "
+        out.append(f"winner's curse: the {judge} judge's chosen response has gold reward {h['pick_gold_online']:.3f} "
                    f"where the best of the n has {h['best_gold_online']:.3f} and their mean "
                    f"{h['mean_gold_online_rollouts']:.3f} (training rollouts, mean over iterations)")
     return out

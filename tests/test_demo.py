@@ -45,9 +45,17 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert row["best_gold"] == pytest.approx(sum(bests) / len(bests))
     assert h["annotator_gold_reasoning"] > 0.9 and 0.5 < h["annotator_gold_chat"] < 0.9  # noise, no bias
     assert len(summary["claims"]) == 6
-    # per skill: the same gold-ordered pairs split by skill; their count-weighted mean is the
-    # judge's accuracy against gold on the subset
-    for key, name in (("rm", "BT vs gold"), ("pm", "PM vs gold")):
+    check_per_skill(out, summary, (("rm", "BT vs gold"), ("pm", "PM vs gold")))
+    assert "per skill" in report and "reasoning/add" in report
+    capsys.readouterr()
+    assert main(["demo", f"out={out}", *REDUCED]) == 0  # a re-run continues: nothing recomputed
+    assert capsys.readouterr().out.count("done already") == 18
+
+
+def check_per_skill(out, summary, judges):
+    """Per skill: the same gold-ordered pairs split by skill; their count-weighted mean is the
+    judge's accuracy against gold on the subset."""
+    for key, name in judges:
         per = json.loads((out / "eval" / f"{key}_gold_skills.json").read_text())["subsets"]
         assert set(per) == {f"{s}/{k}" for s in ("chat", "reasoning") for k in ("add", "compare", "reverse", "sort")}
         assert summary["judge_skills"][name] == {s: r["accuracy"] for s, r in per.items()}
@@ -55,10 +63,28 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
             parts = [r for s, r in per.items() if s.startswith(sub + "/")]
             weighted = sum(r["accuracy"] * r["n"] for r in parts) / sum(r["n"] for r in parts)
             assert weighted == pytest.approx(summary["reward_models"][name]["per_subset"][sub]["accuracy"])
-    assert "per skill" in report and "reasoning/add" in report
-    capsys.readouterr()
-    assert main(["demo", f"out={out}", *REDUCED]) == 0  # a re-run continues: nothing recomputed
-    assert capsys.readouterr().out.count("done already") == 18
+
+
+def test_reduced_demo_with_the_dpo_judge(tmp_path):
+    """judge=dpo: a DPO judge trained from the SFT model is evaluated beside BT and PM and is
+    the online loop's annotator; the loop's rewards are its implicit rewards against SFT."""
+    from rlhf_workflow.data.readers import read_records
+    from rlhf_workflow.data.records import Rollout
+    from rlhf_workflow.reward.bt import load_reward_model, score
+
+    out = tmp_path / "demo"
+    assert main(["demo", f"out={out}", "judge=dpo", "offline=false", "gold_judge=false", "pm_judge=false",
+                 *REDUCED, "online.iterations=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judge"] == "dpo" and set(summary["judge_skills"]) == {"BT vs gold", "PM vs gold", "DPO vs gold"}
+    check_per_skill(out, summary, (("dpo_judge", "DPO vs gold"),))
+    assert any(c.startswith("winner's curse: the DPO judge's") for c in summary["claims"])
+    rows = read_records(out / "online" / "iter_1" / "scored.jsonl", Rollout)[:5]
+    judge, tok = load_reward_model(out / "dpo_judge" / "model", reference=str(out / "sft" / "model"))
+    direct = score(judge, tok, [r.messages() for r in rows for _ in r.responses],
+                   [x for r in rows for x in r.responses], max_length=256, progress=False)
+    assert [x for r in rows for x in r.rewards] == pytest.approx(direct, abs=1e-4)
+    assert "DPO vs gold" in (out / "report.md").read_text()
 
 
 def test_seeds_are_summarised_per_regime_side_by_side():
