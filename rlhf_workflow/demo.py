@@ -317,8 +317,8 @@ def _summary(cfg: DemoConfig, out: Path) -> dict:
     n = cfg.online.generate.sampling.n
     cost = {"comparisons_per_prompt": rank(lambda m: [0.5] * len(m), [n], cfg.online.annotate.annotator.pm_mode)[0]
             .n_calls // 2, "annotate_seconds_per_iteration": seconds}
-    summary = {"seed": cfg.seed, "regime": cfg.regime, "judge": cfg.judge, "length_bias": cfg.data.length_bias, "policies": policies,
-               "runs": runs, "reward_models": judges, "judge_skills": skills, "judge_cost": cost}
+    summary = {"seed": cfg.seed, "regime": cfg.regime, "judge": cfg.judge, "length_bias": cfg.data.length_bias,
+               "policies": policies, "runs": runs, "reward_models": judges, "judge_skills": skills, "judge_cost": cost}
     summary["headline"] = headline(summary)
     summary["claims"] = claims(summary["headline"], cfg.judge.upper())
     return summary

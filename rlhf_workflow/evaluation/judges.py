@@ -1,7 +1,8 @@
 """How good a judge is: ``rlhf rm eval`` / ``rlhf pm eval`` (a BT reward model, a DPO model's
 implicit reward, or a pairwise preference model on RewardBench v1 pairs or v2 best-of-4, or any
 pair file, scored as the official leaderboards do; the rules are in :mod:`.rewardbench`), and
-the held-out evaluation the judge trainers run (:func:`evaluate_bt`, :func:`evaluate_pm`), which counts the same way.
+the held-out evaluation the judge trainers run (:func:`evaluate_bt`, :func:`evaluate_pm`),
+which counts the same way.
 
 The format follows the records (``format=auto``): ``chosen`` / ``rejected`` as strings (or
 conversations) are v1 pairs; lists of strings are v2 best-of-n records. Without ``--in`` the
