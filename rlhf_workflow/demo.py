@@ -26,7 +26,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
 from .data.readers import iter_rows
@@ -35,6 +35,7 @@ from .evaluation.iteration import evaluate_iteration
 from .evaluation.judges import PMEvalConfig, RMEvalConfig, run_pm_eval, run_rm_eval
 from .generation.sampling import SamplingConfig
 from .io import write_json, write_jsonl, write_text
+from .losses import DPOLoss
 from .models.tiny import InitModelConfig, init_model
 from .online.annotate import AnnotateConfig, AnnotatorConfig
 from .online.generate import GenerateConfig
@@ -131,6 +132,14 @@ class DemoConfig(Config):
     offline: bool = Field(True, description="train the offline DPO baseline")
     gold_judge: bool = Field(True, description="also run the online loop with the gold reward as the judge")
     pm_judge: bool = Field(True, description="also run the online loop with the PM (tournament) as the judge")
+
+    @model_validator(mode="after")
+    def _dpo_judge_reads_its_loss(self) -> DemoConfig:
+        loss = self.dpo_judge.loss
+        if self.judge == "dpo" and (loss.kind not in (DPOLoss.SIGMOID, DPOLoss.HINGE) or loss.average_logps):
+            raise ValueError("judge=dpo reads beta * (summed log-ratio) as the reward, the quantity the sigmoid and "
+                             "hinge losses train: dpo_judge.loss.kind must be sigmoid or hinge, without average_logps")
+        return self
 
 
 def run_demo(cfg: DemoConfig) -> dict:
