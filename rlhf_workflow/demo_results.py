@@ -108,7 +108,9 @@ def screen(summary: dict) -> str:
     lines = [f"regime: {summary['regime']}", f"{'policy':<26} {'gold reward':>11} {'tokens':>7}"]
     lines += [f"{n:<26} {'-' if g is None else f'{g:.3f}':>11} {'-' if t is None else f'{t:.1f}':>7}"
               for n, g, t in rows]
-    return "\n".join(lines + [""] + [f"- {c}" for c in summary["claims"]])
+    hint = (["", "the same with a judge that checks answers against the question (the paper's premise of a strong "
+             "judge): rlhf demo judge=dpo (README, 'The strong judge')"] if summary.get("judge") == "bt" else [])
+    return "\n".join(lines + [""] + [f"- {c}" for c in summary["claims"]] + hint)
 
 
 def aggregate(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[dict, list[str]]:
