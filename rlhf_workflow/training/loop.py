@@ -10,9 +10,10 @@ batch becomes a loss (an :data:`Objective`). Everything else lives here, once:
 - AdamW with a warmup + cosine/linear/constant schedule, clipping, bf16 compute on fp32
   weights, and the distribution strategy (one process, DDP, FSDP2, ZeRO-2/3) of
   :mod:`.engine`;
-- a seeded data order that depends only on (seed, epoch); every rank runs the same number of
-  micro-batches in every step (a trailing micro-batch that would leave a rank idle is
-  dropped), so collectives never wait on a rank that has nothing to do;
+- a seeded data order that depends only on (seed, epoch); every item is trained on whatever
+  the world size, and every rank runs the same number of micro-batches in every step (a rank
+  left short in a step's last round repeats one of its micro-batches at zero weight), so
+  collectives never wait on a rank that has nothing to do and 2 ranks compute 1 rank's update;
 - checkpoints (sharded; by steps and by wall-clock minutes), resume only under the settings
   the run started with, metrics.jsonl, trackers, and the final Hugging Face export.
 """
@@ -90,36 +91,36 @@ def batch_sizes(global_batch: int, micro: int, world: int) -> tuple[int, int]:
 class StepPlan:
     """Which micro-batches make each optimizer step, epoch by epoch.
 
-    A step holds ``accum * world`` consecutive micro-batches of the epoch's plan, rank r taking
-    every world-th one. With several ranks an epoch uses a multiple of ``world`` micro-batches
-    (at most ``world - 1`` trailing ones are dropped), so the last step gives every rank the
-    same number. Packing gives each epoch its own number of rows, so every epoch is counted.
+    A step holds ``accum * world`` consecutive micro-batches of the epoch's plan (fewer in an
+    epoch's last step). They are dealt to the ranks in rounds of ``world``, alternately from
+    rank 0 up and from the last rank down: length-grouped micro-batches come longest first,
+    and this way no rank takes the longest of every round. A rank left without one in the
+    last round gets a *filler*: a copy of a micro-batch of the step, run at zero weight, so
+    every rank runs the same number of forward passes and no item is dropped. Packing gives
+    each epoch its own number of rows, so every epoch is counted.
     """
 
     def __init__(self, data: TrainData, cfg: TrainConfig, micro: int, accum: int, world: int):
         self.data, self.cfg, self.micro, self.world = data, cfg, micro, world
         self.step_size = accum * world
         full = math.floor(cfg.epochs)
-        sizes = [self._usable(len(self.plan(e))) for e in range(math.ceil(cfg.epochs))]
+        sizes = [len(self.plan(e)) for e in range(math.ceil(cfg.epochs))]
         counts = [math.ceil(n / self.step_size) for n in sizes]
         if full < len(counts):  # a fractional last epoch
             counts[-1] = math.ceil((cfg.epochs - full) * counts[-1])
         if not all(counts):
-            raise UserError(f"{len(data.lengths)} examples do not fill one optimizer step "
-                            f"({micro} per micro-batch x {world} processes)")
+            raise UserError("no examples to train on")
         self.sizes, self.ends = sizes, list(accumulate(counts))
         self.total = cfg.max_steps or self.ends[-1]
         self._cached: tuple[int, list] | None = None
-
-    def _usable(self, n_micro: int) -> int:
-        return n_micro if self.world == 1 else n_micro // self.world * self.world
 
     def plan(self, epoch: int) -> list:
         return plan_batches(self.data.lengths, self.micro, self.step_size, self.cfg.seed, epoch,
                             self.cfg.group_by_length, self.data.pack_length)
 
-    def micro_batches(self, step: int, rank: int) -> tuple[float, list]:
-        """(epoch position after this step, this rank's micro-batches of optimizer step ``step``)."""
+    def micro_batches(self, step: int, rank: int) -> tuple[float, list, int]:
+        """(epoch position after this step, this rank's micro-batches of optimizer step ``step``,
+        how many of them are real: the rest are fillers)."""
         cycle = step // self.ends[-1]  # max_steps beyond the epochs set: go round again
         e = bisect_right(self.ends, step % self.ends[-1])
         k = step % self.ends[-1] - (self.ends[e - 1] if e else 0)
@@ -128,7 +129,20 @@ class StepPlan:
             self._cached = (epoch, self.plan(epoch))
         lo, hi = k * self.step_size, min((k + 1) * self.step_size, self.sizes[e])
         steps_in_epoch = self.ends[e] - (self.ends[e - 1] if e else 0)
-        return epoch + (k + 1) / steps_in_epoch, self._cached[1][lo:hi][rank :: self.world]
+        batches = self._cached[1][lo:hi]
+        mine = [batches[i] for i in deal(len(batches), self.world)[rank]]
+        rounds = math.ceil(len(batches) / self.world)
+        return epoch + (k + 1) / steps_in_epoch, mine + [batches[-1]] * (rounds - len(mine)), len(mine)
+
+
+def deal(n: int, world: int) -> list[list[int]]:
+    """Indices of n micro-batches per rank: round r of ``world`` goes to ranks 0, 1, ... when r
+    is even and to ranks world - 1, world - 2, ... when it is odd."""
+    ranks: list[list[int]] = [[] for _ in range(world)]
+    for i in range(n):
+        r, j = divmod(i, world)
+        ranks[j if r % 2 == 0 else world - 1 - j].append(i)
+    return ranks
 
 
 # --------------------------------------------------------------------------- the loop
@@ -203,25 +217,26 @@ def train(
     with StopOnSignal() as stop, tqdm(total=total, initial=start, disable=not (cfg.progress and eng.is_main),
                                       desc=f"train {out.name}", dynamic_ncols=True) as bar:
         for step in range(start, total):
-            epoch, micro_list = plan.micro_batches(step, rank)
+            epoch, micro_list, real = plan.micro_batches(step, rank)
             batches = [data.collate(rows) for rows in micro_list]
-            items = all_sum(torch.tensor(float(sum(b["num_items"] for b in batches)), device=device)).item()
+            items = all_sum(torch.tensor(float(sum(b["num_items"] for b in batches[:real])), device=device)).item()
             items = max(items, 1.0)
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             sums: dict[str, torch.Tensor] = {}
             loss_total = torch.zeros((), device=device)
             for i, batch in enumerate(batches):
                 tensors = to_device(batch, device)
+                keep = float(i < real)  # a filler counts for nothing
                 with eng.micro_batch(last=i == len(batches) - 1):
                     res = objective(model, tensors)
-                    eng.backward(res.loss_sum * world / items)
-                loss_total += res.loss_sum.detach().float()
+                    eng.backward(res.loss_sum * (keep * world / items))
+                loss_total += res.loss_sum.detach().float() * keep
                 for name, v in res.metric_sums.items():
-                    sums[name] = sums.get(name, 0) + torch.as_tensor(v, dtype=torch.float32).detach()
+                    sums[name] = sums.get(name, 0) + torch.as_tensor(v, dtype=torch.float32).detach() * keep
             names = sorted(sums)
             due_time = eng.is_main and cfg.save_minutes > 0 and time.monotonic() - last_save > 60 * cfg.save_minutes
             local = [loss_total, *(sums[n].to(device) for n in names),
-                     torch.tensor(float(sum(b["num_tokens"] for b in batches)), device=device),
+                     torch.tensor(float(sum(b["num_tokens"] for b in batches[:real])), device=device),
                      torch.tensor(float(due_time), device=device), torch.tensor(float(stop.requested), device=device)]
             reduced = all_sum(torch.stack([x.float().reshape(()) for x in local])).tolist()
             loss = reduced[0] / items

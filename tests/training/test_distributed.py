@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_workflow.config import TrainConfig, load_config
-from rlhf_workflow.data.batching import plan_batches
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.reward.bt import RMConfig, run_rm_train
 from rlhf_workflow.training.dpo import DPOConfig, run_dpo
@@ -66,24 +65,37 @@ def _assert_same_weights(a, b, atol=2e-5):
 # --------------------------------------------------------------------------- the plan
 
 
-def test_every_rank_gets_the_same_number_of_micro_batches_in_every_packed_epoch():
+def test_every_item_is_trained_on_and_every_rank_runs_as_many_micro_batches():
     rng = random.Random(0)
     lengths = [rng.randint(5, 120) for _ in range(301)]
     data = TrainData(lengths, collate=lambda rows: {}, pack_length=128)
     cfg = TrainConfig(epochs=3, global_batch_size=12, micro_batch_size=2, seed=3)
     micro, accum = batch_sizes(12, 2, 3)
     plan = StepPlan(data, cfg, micro, accum, world=3)
-    sizes = {len(plan.plan(e)) for e in range(3)}
-    assert len(sizes) > 1  # packing gives the epochs different row counts
+    sizes = [len(plan.plan(e)) for e in range(3)]
+    assert len(set(sizes)) > 1 and any(n % 3 for n in sizes)  # epochs of different, uneven sizes
     seen = {e: [] for e in range(3)}
+    fillers = 0
     for step in range(plan.total):
-        per_rank = [plan.micro_batches(step, r)[1] for r in range(3)]
-        assert len({len(m) for m in per_rank}) == 1 and per_rank[0]  # equal and never empty
-        epoch = int(plan.micro_batches(step, 0)[0] - 1e-9)
-        seen[epoch] += [tuple(map(tuple, mb)) for m in per_rank for mb in m]
-    for e in range(3):  # each epoch: its micro-batches once each, at most world - 1 dropped
-        full = [tuple(map(tuple, mb)) for mb in plan.plan(e)]
-        assert sorted(seen[e]) == sorted(full[: len(full) // 3 * 3])
+        per_rank = [plan.micro_batches(step, r) for r in range(3)]
+        assert len({len(m) for _, m, _ in per_rank}) == 1  # every rank runs as many micro-batches
+        epoch = int(per_rank[0][0] - 1e-9)
+        for _, m, real in per_rank:
+            seen[epoch] += [tuple(map(tuple, mb)) for mb in m[:real]]
+            fillers += len(m) - real
+            assert all(mb in m[:real] or any(mb in o[:r] for _, o, r in per_rank) for mb in m[real:])
+    assert fillers > 0
+    for e in range(3):  # each epoch: every micro-batch of its plan once, none dropped
+        assert sorted(seen[e]) == sorted(tuple(map(tuple, mb)) for mb in plan.plan(e))
+
+
+def test_micro_batches_are_dealt_up_and_down_the_ranks():
+    """Rounds alternate direction, so rank 0 does not take the longest of every round."""
+    from rlhf_workflow.training.loop import deal
+
+    assert deal(5, 2) == [[0, 3, 4], [1, 2]]
+    assert deal(7, 3) == [[0, 5, 6], [1, 4], [2, 3]]
+    assert deal(1, 2) == [[0], []]
 
 
 def test_global_batch_gives_the_accumulation():
@@ -110,27 +122,6 @@ def test_adamw_on_bf16_weights_is_refused(tiny_model, sandbox_data, tmp_path):
 # --------------------------------------------------------------------------- 2 ranks == 1 rank
 
 
-@pytest.fixture(scope="module")
-def even_sft(tiny_model, sandbox_data, tmp_path_factory):
-    """SFT records whose packed plans have an even number of micro-batches in each of 3 epochs,
-    so 2 ranks drop nothing and must reproduce 1 rank exactly."""
-    from rlhf_workflow.data.readers import read_records
-    from rlhf_workflow.data.records import SFTExample
-    from rlhf_workflow.models.loading import load_tokenizer
-    from rlhf_workflow.training.sft import tokenize_sft
-
-    tok = load_tokenizer(load_config(SFTConfig, None, [f"model.path={tiny_model}"]).model)
-    lines = (sandbox_data / "sft.jsonl").read_text().splitlines()
-    records = read_records(sandbox_data / "sft.jsonl", SFTExample)
-    lengths = [len(ids) for ids, _ in tokenize_sft(tok, records, 128, "all")[0]]
-    for n in range(60, len(lines)):
-        if all(len(plan_batches(lengths[:n], 2, 2, 42, e, True, 128)) % 2 == 0 for e in range(3)):
-            path = tmp_path_factory.mktemp("even") / "sft.jsonl"
-            path.write_text("\n".join(lines[:n]) + "\n")
-            return path
-    raise AssertionError("no prefix of the SFT data packs evenly")
-
-
 def _sft_args(tiny_model, data, out, *extra):
     return [f"model.path={tiny_model}", f"data.train={data}", "data.max_length=128", "optim.lr=1e-3",
             "optim.warmup_ratio=0.1", "train.epochs=3", "train.global_batch_size=4", "train.micro_batch_size=2",
@@ -138,20 +129,22 @@ def _sft_args(tiny_model, data, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def sft_one_rank(tiny_model, even_sft, tmp_path_factory):
+def sft_one_rank(tiny_model, sandbox_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft1")
-    run_sft(load_config(SFTConfig, None, _sft_args(tiny_model, even_sft, out)))
+    run_sft(load_config(SFTConfig, None, _sft_args(tiny_model, sandbox_data / "sft.jsonl", out)))
     return out
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-def test_packed_sft_on_two_ranks_equals_one(strategy, tiny_model, even_sft, sft_one_rank, tmp_path):
+def test_packed_sft_on_two_ranks_equals_one(strategy, tiny_model, sandbox_data, sft_one_rank, tmp_path):
+    """Whatever the number of packed rows (odd epochs included), 2 ranks train on every one."""
     _needs(strategy)
     out = tmp_path / strategy
-    torchrun(["sft"], _sft_args(tiny_model, even_sft, out, f"train.strategy={strategy}"))
+    torchrun(["sft"], _sft_args(tiny_model, sandbox_data / "sft.jsonl", out, f"train.strategy={strategy}"))
     assert _world(out) == WORLD and _world(sft_one_rank) == 1
     assert json.loads((out / "train_plan.json").read_text())["grad_accum"] == 1
     assert len(_metrics(out)) == len(_metrics(sft_one_rank)) > 15  # 3 packed epochs
+    assert _metrics(out, "items") == _metrics(sft_one_rank, "items")  # 99 rows an epoch: none dropped
     assert _metrics(out) == pytest.approx(_metrics(sft_one_rank), rel=1e-5)
     _assert_same_weights(out, sft_one_rank)
     # the export of the sharded run is a plain transformers checkpoint
@@ -204,6 +197,23 @@ def test_dpo_and_its_reference_pass_on_two_ranks_equal_one(strategy, tiny_model,
     (c1,), (c2,) = (list(d.glob("ref_logps-*.safetensors")) for d in (one, two))
     torch.testing.assert_close(load_file(c2)["logps"], load_file(c1)["logps"], atol=1e-5, rtol=1e-6)
     assert _metrics(two)[0] == pytest.approx(0.6931472, abs=1e-5)
+    assert _metrics(two) == pytest.approx(_metrics(one), rel=1e-5)
+    _assert_same_weights(two, one)
+
+
+def test_dpo_on_two_ranks_trains_every_pair_of_an_odd_count(tiny_model, sandbox_data, tmp_path):
+    """9 pairs in micro-batches of 2: the last step has one micro-batch, which rank 0 trains on
+    while rank 1 runs a zero-weight filler; the update is one process's."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join((sandbox_data / "prefs_train.jsonl").read_text().splitlines(True)[:9]))
+    args = [f"model.path={tiny_model}", f"data.train={pairs}", "data.max_length=96", "optim.lr=1e-3",
+            "optim.warmup_ratio=0", "train.epochs=1", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "train.progress=false", "train.log_every=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_dpo(load_config(DPOConfig, None, [*args, f"train.output_dir={one}"]))
+    torchrun(["dpo"], [*args, f"train.output_dir={two}"])
+    assert _world(two) == WORLD
+    assert _metrics(two, "items") == _metrics(one, "items") == [4, 4, 1]
     assert _metrics(two) == pytest.approx(_metrics(one), rel=1e-5)
     _assert_same_weights(two, one)
 
