@@ -68,6 +68,14 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the weights are sharded over the ranks (FSDP2): every rank must then run every
+    forward pass together (:func:`run_batched` with ``shard``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 

@@ -78,6 +78,24 @@ def load_model(cfg: ModelConfig, head: str = "causal_lm", **kwargs):
     return loaded
 
 
+def load_with_info(cfg: ModelConfig, head: str = "causal_lm", **kwargs):
+    """(model, names of the weights newly initialised, e.g. a new reward head), without
+    transformers' load report (the caller says what is new)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        loaded = load_model(cfg, head, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    return model, sorted(info.get("missing_keys", []))
+
+
 def _as_plain_model(model, path: str) -> None:
     """A GGUF checkpoint's weights are dequantized on load, but transformers keeps its
     quantizer and ``quantization_config`` on the model and refuses to save it; drop both so the

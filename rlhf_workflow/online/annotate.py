@@ -8,7 +8,9 @@ tournament or round robin), whose scores order the responses for pair selection;
 ``kind: gold`` uses the sandbox's programmatic gold reward (prompts with sandbox ``meta``):
 an oracle judge, to tell the loop's own behaviour apart from a reward model's errors. A response
 that hit the token limit without stopping can be penalised (``truncation_penalty``).
-Chunked and sharded like ``rlhf generate``: a crash loses at most one chunk.
+Chunked and sharded like ``rlhf generate``: a crash loses at most one chunk. With
+``annotator.shard`` the judge itself is sharded over the ranks (FSDP2), which then take every
+chunk together, each scoring a share of its batches.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class AnnotatorConfig(Config):
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="dtype of the scoring model: fp32 (default) keeps rewards exact; bf16 halves "
         "memory on a GPU but moves rewards by ~1e-2, enough to reorder close responses")
+    shard: bool = Field(
+        False, description="on several ranks, shard the judge over them (FSDP2; for a judge that does not "
+        "fit on one GPU) instead of a whole copy per rank")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass")
     max_length: int = Field(4096, ge=8, description="tokens per scored sequence (prompt cut first)")
     truncation_penalty: float = Field(0.0, ge=0, description="subtracted from responses that hit the token limit")
@@ -68,7 +73,7 @@ def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
     if cfg.kind in ("bt", "dpo"):
         from ..reward.bt import load_reward_model, score
 
-        model, tok = load_reward_model(cfg.path, cfg.dtype, device, cfg.reference, cfg.beta)
+        model, tok = load_reward_model(cfg.path, cfg.dtype, device, cfg.reference, cfg.beta, cfg.shard)
 
         def bt(rollouts: list[Rollout]) -> list[list[float]]:
             flat = [(ro.messages(), r) for ro in rollouts for r in ro.responses]
@@ -80,7 +85,7 @@ def make_scorer(cfg: AnnotatorConfig, device: str | None = None) -> Scorer:
     from ..reward.pm import load_preference_model
     from ..reward.ranking import rank_with_pm
 
-    model, tok = load_preference_model(cfg.path, cfg.dtype, device)
+    model, tok = load_preference_model(cfg.path, cfg.dtype, device, cfg.shard)
 
     def pm(rollouts: list[Rollout]) -> list[list[float]]:
         ranks = rank_with_pm(model, tok, [ro.messages() for ro in rollouts],
@@ -136,11 +141,13 @@ def run_annotate(cfg: AnnotateConfig, scorer: Scorer | None = None) -> Path:
             loaded[0] = make_scorer(cfg.annotator)
         return annotate_records(batch, loaded[0](batch), cfg.annotator.truncation_penalty)
 
-    n_chunks = process_chunks(iter_records(cfg.input, Rollout), out, cfg.chunk_size, rank, world, fn,
-                              "annotate", count_records(cfg.input))
+    together = cfg.annotator.shard and world > 1  # a sharded judge: every rank on every chunk
+    n_chunks = process_chunks(iter_records(cfg.input, Rollout), out, cfg.chunk_size, *((0, 1) if together else
+                              (rank, world)), fn, "annotate", count_records(cfg.input), write=rank == 0 or not together)
     barrier()
     if rank == 0:
         join_parts(out, n_chunks)
-        print(f"annotate: {cfg.annotator.kind} rewards for {n_chunks} chunk(s) on {world} process(es) -> {out}")
+        print(f"annotate: {cfg.annotator.kind} rewards for {n_chunks} chunk(s) on {world} process(es)"
+              + (", the judge sharded (FSDP2)" if together else "") + f" -> {out}")
     barrier()
     return out

@@ -71,9 +71,12 @@ def _settings(parts: Path) -> dict | None:
 
 
 def process_chunks(records: Iterator, out: Path, chunk_size: int, rank: int, world: int,
-                   fn: Callable[[int, list], list[dict]], desc: str, total: int | None = None) -> int:
+                   fn: Callable[[int, list], list[dict]], desc: str, total: int | None = None,
+                   write: bool = True) -> int:
     """Run ``fn(chunk_index, records)`` on this process's unfinished chunks; return the count.
-    ``total`` (the number of records, when known) gives the progress bar its end."""
+    ``total`` (the number of records, when known) gives the progress bar its end. Without
+    ``write`` the results are not written (ranks that compute a chunk together with the one that
+    writes it)."""
     parts = parts_dir(out)
     n_chunks = 0
     with tqdm(total=total, desc=desc, unit="prompt", disable=rank != 0, dynamic_ncols=True) as bar:
@@ -83,7 +86,8 @@ def process_chunks(records: Iterator, out: Path, chunk_size: int, rank: int, wor
             if i % world == rank and not part.exists():
                 results = fn(i, batch)
                 point(f"{desc}.chunk")
-                write_jsonl(part, results)
+                if write:
+                    write_jsonl(part, results)
             bar.update(len(batch))
     return n_chunks
 

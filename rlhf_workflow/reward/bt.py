@@ -28,20 +28,20 @@ from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, Tokenized
 from ..data.pairs import collate_pairs
 from ..data.readers import fmt_counts, read_pairs, split_held_out
-from ..distributed import device as distributed_device
-from ..distributed import run_batched, to_device
+from ..distributed import is_sharded, run_batched, to_device
 from ..errors import UserError
 from ..io import write_json
 from ..losses import bt_loss
 from ..models.loading import (
-    load_model,
     load_tokenizer,
+    load_with_info,
     pad_id,
     param_dtype,
     unwrap,
     uses_flash_attention,
 )
 from ..training.checkpoints import start_run
+from ..training.engine import load_frozen, load_trainable
 from ..training.loop import StepOutput, TrainData, train
 from .encoding import (
     PAD_TOKEN,
@@ -156,7 +156,7 @@ def score_tokenized(
         batch = to_device(collate_rows([[(seqs[i].input_ids, seqs[i].targets())] for i in idx], pad_id), device)
         return model(batch) if isinstance(model, ImplicitReward) else bt_rewards(model, batch)
 
-    return run_batched([len(s.input_ids) for s in seqs], batch_size, run, shard,
+    return run_batched([len(s.input_ids) for s in seqs], batch_size, run, shard or is_sharded(model),
                        "score" if progress else None, sort_by_length).tolist()
 
 
@@ -188,37 +188,27 @@ def score(
 
 
 def load_reward_model(spec: ModelConfig | str | Path, dtype: str = "fp32", device=None,
-                      reference: str | None = None, beta: float = 0.1):
+                      reference: str | None = None, beta: float = 0.1, shard: bool = False):
     """(model, tokenizer) of a trained reward model (a model spec, or a path loaded in
     ``dtype``) in eval mode, on ``device`` (default: this process's device); with
-    ``reference``, the DPO implicit reward of the policy ``spec`` (:mod:`.implicit`)."""
+    ``reference``, the DPO implicit reward of the policy ``spec`` (:mod:`.implicit`). With
+    ``shard`` (several ranks), sharded over them with FSDP2 (see :func:`..training.engine.load_frozen`)."""
     spec = spec if isinstance(spec, ModelConfig) else ModelConfig(path=str(spec), dtype=dtype)
     if reference is not None:
-        judge, tokenizer = load_implicit_reward(spec, reference, beta)
-        return judge.to(device or distributed_device()).eval(), tokenizer
+        judge, tokenizer = load_implicit_reward(spec, reference, beta, shard)
+        return (judge.to(device) if device else judge).eval(), tokenizer
     tokenizer = load_tokenizer(spec)
-    model, missing = load_seq_cls(spec)
+    model, missing = load_frozen(spec, shard, head="seq_cls", num_labels=1)
     if missing:
         raise UserError(f"{spec.path} is not a trained reward model: weights {', '.join(missing)} "
                         "are missing from the checkpoint")
     check_pad(model, tokenizer)
-    return model.to(device or distributed_device()).eval(), tokenizer
+    return (model.to(device) if device else model), tokenizer
 
 
 def load_seq_cls(spec: ModelConfig):
     """(one-output sequence-classification model, names of the weights newly initialised)."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the new head is reported here, not as a warning table
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = load_model(spec, head="seq_cls", num_labels=1, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model, sorted(info.get("missing_keys", []))
+    return load_with_info(spec, "seq_cls", num_labels=1)
 
 
 # --------------------------------------------------------------------------- rm train
@@ -239,10 +229,12 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
 
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.train.seed)  # the new score head's initialisation
-    model, missing = load_seq_cls(cfg.model)
+    new_pad = []
+    model, missing = load_trainable(cfg.train, cfg.model, "seq_cls",
+                                    lambda m: new_pad.append(ensure_pad_token(m, tokenizer)), num_labels=1)
     if missing:
         print(f"rm: new reward head {', '.join(missing)} initialised (seed {cfg.train.seed})")
-    if ensure_pad_token(model, tokenizer):
+    if new_pad[0]:
         print(
             f"rm: pad token set to {PAD_TOKEN!r} (id {tokenizer.pad_token_id}, distinct from EOS); "
             f"vocabulary {len(tokenizer)}"

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import torch
 from tqdm.auto import tqdm
 
 from ..config import PairLimits
@@ -30,13 +31,19 @@ PAD_TOKEN = "<|pad|>"
 
 def ensure_pad_token(model, tokenizer) -> bool:
     """Give the tokenizer a pad token distinct from EOS (``<|pad|>``, added to the vocabulary
-    if missing, the embeddings resized), and set ``config.pad_token_id``. Returns whether the
-    pad token changed."""
+    if missing, the embeddings grown by zero rows: padding is never read), and set
+    ``config.pad_token_id``. Returns whether the pad token changed. Works on a model on the
+    meta device too (sharded loading fills the new rows with zeros)."""
     changed = tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id
     if changed:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        old = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > old:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                            if m is not None}.values():
+                    emb.weight[old:].zero_()
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return changed

@@ -18,7 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..models.loading import load_model, load_tokenizer
+from ..models.loading import load_tokenizer
 from ..models.logprobs import response_logps
 from .encoding import uses_chat_template
 
@@ -32,16 +32,24 @@ class ImplicitReward(torch.nn.Module):
         self.policy, self.reference, self.beta = policy, reference, beta
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.beta * (response_logps(self.policy, batch) - response_logps(self.reference, batch))
+        from ..training.engine import reshard
+
+        policy = response_logps(self.policy, batch)
+        reshard(self.policy)  # sharded: its gathered root weights go before the reference's come
+        return self.beta * (policy - response_logps(self.reference, batch))
 
 
-def load_implicit_reward(spec: ModelConfig, reference: str, beta: float) -> tuple[ImplicitReward, object]:
-    """(judge, tokenizer): the DPO policy ``spec`` and its ``reference``, both in ``spec.dtype``."""
+def load_implicit_reward(spec: ModelConfig, reference: str, beta: float,
+                         shard: bool = False) -> tuple[ImplicitReward, object]:
+    """(judge, tokenizer): the DPO policy ``spec`` and its ``reference``, both in ``spec.dtype``,
+    each sharded over the ranks with ``shard`` (:func:`..training.engine.load_frozen`)."""
+    from ..training.engine import load_frozen
+
     tokenizer = load_tokenizer(spec)
     if not uses_chat_template(tokenizer):
         raise UserError(f"{spec.path}: the DPO implicit reward needs a causal LM with a chat template")
-    policy = load_model(spec)
-    ref = load_model(spec.model_copy(update={"path": reference, "tokenizer": None}))
+    policy, _ = load_frozen(spec, shard)
+    ref, _ = load_frozen(spec.model_copy(update={"path": reference, "tokenizer": None}), shard)
     if policy.get_output_embeddings().weight.shape != ref.get_output_embeddings().weight.shape:
         raise UserError(f"the DPO policy {spec.path} and its reference {reference} have different "
                         "vocabularies; the reference must be the model the policy was trained from")

@@ -28,11 +28,11 @@ from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.chat import encode_prompt, render
 from ..data.pairs import CHARS_PER_TOKEN
 from ..data.readers import PairRow, fmt_counts, read_pairs, split_held_out
-from ..distributed import device as distributed_device
-from ..distributed import run_batched, to_device
+from ..distributed import is_sharded, run_batched, to_device
 from ..errors import UserError
-from ..models.loading import load_model, load_tokenizer, pad_id
+from ..models.loading import load_tokenizer, pad_id
 from ..training.checkpoints import start_run
+from ..training.engine import load_frozen, load_trainable
 from ..training.loop import StepOutput, TrainData, train
 from .bt import PairDataConfig, write_eval
 from .encoding import prompt_text
@@ -214,17 +214,20 @@ def first_position_probs(
         batch = to_device(collate_comparisons([seqs[i] for i in idx], pad_id), device)
         return answer_logits(model, batch)[:, label_ids].softmax(-1)[:, 0]
 
-    return run_batched([len(s) for s in seqs], batch_size, run, shard,
+    return run_batched([len(s) for s in seqs], batch_size, run, shard or is_sharded(model),
                        "compare" if progress else None).tolist()
 
 
-def load_preference_model(spec: ModelConfig | str | Path, dtype: str = "fp32", device=None):
+def load_preference_model(spec: ModelConfig | str | Path, dtype: str = "fp32", device=None,
+                          shard: bool = False):
     """(model, tokenizer) of a trained PM (a model spec, or a path loaded in ``dtype``) in eval
-    mode on ``device`` (default: this process's device); checks the label tokens."""
+    mode on ``device`` (default: this process's device), sharded over the ranks with ``shard``
+    (:func:`..training.engine.load_frozen`); checks the label tokens."""
     spec = spec if isinstance(spec, ModelConfig) else ModelConfig(path=str(spec), dtype=dtype)
     tokenizer = load_tokenizer(spec)
     label_token_ids(tokenizer)
-    return load_model(spec).to(device or distributed_device()).eval(), tokenizer
+    model, _ = load_frozen(spec, shard)
+    return (model.to(device) if device else model), tokenizer
 
 
 # --------------------------------------------------------------------------- pm train
@@ -265,7 +268,7 @@ def run_pm_train(cfg: PMConfig, on_step=None) -> Path:
 
         return evaluate_pm(m, tokenizer, test_rows, d.max_length, cfg.eval_batch_size) if test_rows else {}
 
-    model = load_model(cfg.model)
+    model, _ = load_trainable(cfg.train, cfg.model)
     data = TrainData([len(s) for s in seqs], collate)
 
     def finish(record: dict) -> None:

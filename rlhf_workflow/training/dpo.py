@@ -19,11 +19,9 @@ exported ``model/`` is merged and the adapter is kept in ``adapter/``.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from ..config import Config, ModelConfig, OptimConfig, PairLimits, TrainConfig
@@ -39,7 +37,15 @@ from ..models.loading import load_model, load_tokenizer, pad_id
 from ..models.logprobs import response_logps
 from . import reference as ref_cache
 from .checkpoints import start_run
-from .engine import inference_precision, resolve_precision, resolve_strategy, setup_for
+from .engine import (
+    free,
+    inference_precision,
+    load_frozen,
+    load_trainable,
+    resolve_precision,
+    resolve_strategy,
+    setup_for,
+)
 from .loop import Objective, StepOutput, TrainData, train
 
 
@@ -209,12 +215,16 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: P
         if rank == 0:
             print(f"dpo: reference {what}: log-probs read from {path}")
         return logps, None
+    reuse = not separate and load_dtype == cfg.model.dtype
+    sharded = world > 1 and (strategy == "fsdp" or (strategy == "zero3" and not reuse))
     if rank == 0:
         print(f"dpo: reference {what}: computing log-probs of {len(pairs)} pairs once, on {world} "
-              f"process(es)")
-    reuse = not separate and load_dtype == cfg.model.dtype
-    model = _load_policy(cfg) if reuse else load_model(cfg.model.model_copy(update={"path": source,
-                                                                                    "dtype": load_dtype}))
+              f"process(es)" + (", sharded (FSDP2)" if sharded else ""))
+    if reuse:
+        model = _load_policy(cfg)
+    else:  # sharded like the policy under FSDP2 and ZeRO-3, so that it fits where the policy trains
+        model, _ = load_frozen(cfg.model.model_copy(update={"path": source, "dtype": load_dtype}), sharded,
+                               precision)
     if model.get_input_embeddings().num_embeddings < max(
             max(p.chosen.input_ids + p.rejected.input_ids) for p in pairs) + 1:
         raise UserError(f"reference {source}: its vocabulary is smaller than the tokenizer's "
@@ -227,10 +237,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: P
     barrier()
     if reuse:
         return logps, model
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free(model)
     return logps, None
 
 
@@ -240,9 +247,9 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def _load_policy(cfg: DPOConfig):
-    model = load_model(cfg.model)
     if not cfg.lora.r:
-        return model
+        return load_trainable(cfg.train, cfg.model)[0]
+    model = load_model(cfg.model)
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

@@ -30,6 +30,7 @@ size); ZeRO writes DeepSpeed's own checkpoint. Every rank also saves its RNG sta
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import warnings
@@ -38,10 +39,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ModelConfig, TrainConfig
 from ..distributed import setup
 from ..errors import UserError
-from ..models.loading import unwrap
+from ..models.loading import load_with_info, unwrap
+from ..models.sharded import load_sharded
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
 
@@ -50,6 +52,34 @@ def setup_for(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of a training stage's process; FSDP and ZeRO get a process
     group even when it runs alone."""
     return setup(cfg.timeout_minutes, group_of_one=cfg.strategy in ("fsdp", "zero2", "zero3"))
+
+
+def engine_for(cfg: TrainConfig) -> Engine:
+    """The engine of a training stage's process: its strategy, precision, rank and device."""
+    rank, world, device = setup_for(cfg)
+    return Engine(resolve_strategy(cfg.strategy, world), resolve_precision(cfg.mixed_precision, device),
+                  rank, world, device)
+
+
+def load_trainable(cfg: TrainConfig, spec: ModelConfig, head: str = "causal_lm", prepare=None,
+                   **kwargs) -> tuple[torch.nn.Module, list[str]]:
+    """(the model a stage trains, names of weights newly initialised), loaded as its strategy lays
+    it out (see :meth:`Engine.load`)."""
+    return engine_for(cfg).load(spec, head, prepare, **kwargs)
+
+
+def load_frozen(spec: ModelConfig, shard: bool, precision: str = "no", head: str = "causal_lm",
+                **kwargs) -> tuple[torch.nn.Module, list[str]]:
+    """(a model for inference only, a reference or a judge, in eval mode on this process's
+    device; names of weights newly initialised). With ``shard`` and several ranks it is sharded
+    with FSDP2, no optimizer, each rank loading only its share (every rank must then run the
+    same forward passes: :func:`..distributed.run_batched`); otherwise each rank holds a whole
+    copy, the choice where it fits. ``precision="bf16"`` computes in bf16 under FSDP2."""
+    rank, world, device = setup()
+    strategy = "fsdp" if shard and world > 1 else "single"
+    model, missing = Engine(strategy, precision if strategy == "fsdp" else "no", rank, world, device).load(
+        spec, head, **kwargs)
+    return model.to(device).eval(), missing
 
 
 def resolve_strategy(strategy: str, world: int) -> str:
@@ -108,7 +138,27 @@ class Engine:
         if device.type == "cuda":
             training_attention()
 
-    # ----------------------------------------------------------------- wrapping
+    # ----------------------------------------------------------------- loading and wrapping
+
+    def load(self, spec: ModelConfig, head: str = "causal_lm", prepare=None,
+             **kwargs) -> tuple[torch.nn.Module, list[str]]:
+        """(model, names of weights newly initialised). Under FSDP2 each rank builds the model on
+        the meta device, shards it and reads only its own shards from the safetensors files
+        (:mod:`..models.sharded`); otherwise, or for a checkpoint that cannot be read that way
+        (GGUF, a hub name, weight names the model does not use), the whole model is loaded.
+        ``prepare(model)`` runs before sharding (e.g. a new pad token's embedding row)."""
+        if self.strategy == "fsdp":
+            loaded = load_sharded(spec, self._fully_shard, self.device, head, prepare, **kwargs)
+            if loaded is not None:
+                return loaded
+            if self.is_main:
+                print(f"note: {spec.path} cannot be read shard by shard (not a local safetensors folder "
+                      "with the model's weight names); every rank loads it whole first")
+        model, missing = load_with_info(spec, head, **kwargs)
+        if prepare is not None:
+            prepare(model)
+        return model, missing
+
 
     def wrap(self, model: torch.nn.Module, make_optimizer, micro_batch_size: int, accum: int,
              max_grad_norm: float, allow_low_precision: bool = False):
@@ -135,7 +185,11 @@ class Engine:
                 model.to(self.device), device_ids=[self.device.index] if self.device.type == "cuda" else None)
             optimizer = make_optimizer(model)
         elif self.strategy == "fsdp":
-            model = self._fully_shard(model)
+            from torch.distributed.fsdp import FSDPModule
+
+            if not isinstance(model, FSDPModule):  # (sharded when loaded: :meth:`load`)
+                self._fully_shard(model.to(self.device))
+            reshard(model)  # the optimizer must see the shards, not weights an inference pass left gathered
             optimizer = make_optimizer(model)
         else:
             model, optimizer = self._deepspeed(model, make_optimizer, micro_batch_size, accum, max_grad_norm)
@@ -149,7 +203,6 @@ class Engine:
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16" else MixedPrecisionPolicy()
-        model = model.to(self.device)
         inner = unwrap_peft(model)
         blocks = set(getattr(inner, "_no_split_modules", None) or [])
         units = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -290,6 +343,27 @@ class Engine:
             persistent = unwrap(model).state_dict().keys()
             out.update({name: b.detach().cpu() for name, b in unwrap(model).named_buffers() if name in persistent})
         return out if self.is_main else None
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit of ``model``. A forward pass without a
+    backward (evaluation, the reference pass) leaves the root unit's weights gathered, the
+    parameters then being whole tensors instead of their shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def free(model: torch.nn.Module) -> None:
+    """Return a model's memory now (its gathered FSDP2 weights too), before the next one loads.
+    Every reference to it must be gone after the call."""
+    reshard(model)
+    model.to("meta")  # (the storage goes even where a reference to the module lingers)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def unwrap_peft(model):

@@ -44,7 +44,7 @@ from ..errors import UserError
 from ..io import write_json
 from ..models.loading import save_model as save_hf_model
 from .checkpoints import checkpoints, resume, save_checkpoint, truncate_metrics
-from .engine import Engine, resolve_precision, resolve_strategy, setup_for
+from .engine import Engine, engine_for
 
 
 @dataclass
@@ -165,9 +165,8 @@ def train(
     ``finish(record)`` runs on the main process after the export and before
     ``train_result.json``, which marks the run complete."""
     out = Path(cfg.output_dir)
-    rank, world, device = setup_for(cfg)
-    eng = Engine(resolve_strategy(cfg.strategy, world), resolve_precision(cfg.mixed_precision, device),
-                 rank, world, device)
+    eng = engine_for(cfg)
+    rank, world, device = eng.rank, eng.world, eng.device
     if eng.deepspeed and cfg.on_nonfinite == "skip":
         raise UserError("train.on_nonfinite=skip is not available with DeepSpeed (it steps inside its engine)")
     set_seed(cfg.seed)

@@ -18,9 +18,10 @@ from ..data.chat import IGNORE, tokenize_conversation
 from ..data.readers import read_records
 from ..data.records import SFTExample
 from ..errors import UserError
-from ..models.loading import load_model, load_tokenizer, pad_id, param_dtype, uses_flash_attention
+from ..models.loading import load_tokenizer, pad_id, param_dtype, uses_flash_attention
 from ..models.logprobs import target_logps
 from .checkpoints import start_run
+from .engine import load_trainable
 from .loop import StepOutput, TrainData, train
 
 
@@ -88,7 +89,7 @@ def run_sft(cfg: SFTConfig, on_step=None) -> Path:
 
     lengths = [len(ids) for ids, _ in seqs]
     data = TrainData(lengths, collate, cfg.data.max_length if cfg.data.packing else 0)
-    model = load_model(cfg.model)
+    model, _ = load_trainable(cfg.train, cfg.model)
     train(model, tokenizer, data, sft_objective, cfg.train, cfg.optim, on_step=on_step,
           run_config=cfg)
     return out / "model"

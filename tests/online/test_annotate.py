@@ -78,6 +78,22 @@ def test_two_processes_give_the_same_scores(rollouts, trained_rm, tmp_path):
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
 
+@pytest.mark.parametrize("kind", ["bt", "pm"])
+def test_a_judge_sharded_over_two_ranks_gives_the_same_scores(kind, rollouts, trained_rm, trained_pm, tmp_path):
+    """annotator.shard: the judge is sharded with FSDP2 and both ranks score every chunk
+    together, each a share of its batches; the file is the one-process file."""
+    judge = trained_rm if kind == "bt" else trained_pm
+    args = ["annotate", "--in", str(rollouts), f"annotator.path={judge}", f"annotator.kind={kind}",
+            "annotator.batch_size=3", "chunk_size=4"]
+    assert main([*args, "--out", str(tmp_path / "one.jsonl")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rlhf_workflow.cli", *args, "annotator.shard=true", "--out", str(tmp_path / "two.jsonl")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 chunk(s) on 2 process(es), the judge sharded" in res.stdout
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
 def test_gold_annotator_gives_the_sandbox_reward(rollouts, tmp_path):
     out = tmp_path / "gold.jsonl"
     assert main(["annotate", "--in", str(rollouts), "--out", str(out), "annotator.kind=gold"]) == 0

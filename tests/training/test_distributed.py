@@ -201,6 +201,26 @@ def test_dpo_and_its_reference_pass_on_two_ranks_equal_one(strategy, tiny_model,
     _assert_same_weights(two, one)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_a_separate_reference_is_sharded_like_the_policy(strategy, tiny_model, sandbox_data, tmp_path):
+    """Under FSDP2 and ZeRO-3 a reference that is not the starting policy is sharded over the
+    ranks (FSDP2, no optimizer) for its pass; its log-probs and the training are 1 rank's."""
+    _needs(strategy)
+    import shutil
+
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_model, ref)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_dpo(load_config(DPOConfig, None, _dpo_args(tiny_model, sandbox_data, one, f"reference.path={ref}")))
+    log = torchrun(["dpo"], _dpo_args(tiny_model, sandbox_data, two, f"reference.path={ref}",
+                                      f"train.strategy={strategy}"))
+    assert f"on {WORLD} process(es), sharded (FSDP2)" in log
+    (c1,), (c2,) = (list(d.glob("ref_logps-*.safetensors")) for d in (one, two))
+    torch.testing.assert_close(load_file(c2)["logps"], load_file(c1)["logps"], atol=1e-5, rtol=1e-6)
+    assert _metrics(two) == pytest.approx(_metrics(one), rel=1e-5)
+    _assert_same_weights(two, one)
+
+
 def test_dpo_on_two_ranks_trains_every_pair_of_an_odd_count(tiny_model, sandbox_data, tmp_path):
     """9 pairs in micro-batches of 2: the last step has one micro-batch, which rank 0 trains on
     while rank 1 runs a zero-weight filler; the update is one process's."""

@@ -16,6 +16,7 @@ from rlhf_workflow.config import ModelConfig, load_config
 from rlhf_workflow.data.pairs import collate_pairs, tokenize_pair
 from rlhf_workflow.data.readers import read_records
 from rlhf_workflow.data.records import PreferencePair
+from rlhf_workflow.models import loading
 from rlhf_workflow.models.loading import load_model, load_tokenizer
 from rlhf_workflow.models.tiny import InitModelConfig, init_model
 from rlhf_workflow.training import dpo as dpo_module
@@ -169,12 +170,20 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model, san
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
 
+def _count_loads(monkeypatch) -> list[str]:
+    """The paths of the models the stage loads, in order (the policy, the reference)."""
+    loads = []
+    for module in (loading, dpo_module):
+        real = module.load_model
+        monkeypatch.setattr(module, "load_model",
+                            lambda cfg, *a, real=real, **k: loads.append(cfg.path) or real(cfg, *a, **k))
+    return loads
+
+
 def test_separate_reference_checkpoint(tiny_model, learnable_pairs, tmp_path, monkeypatch):
     other = init_model(InitModelConfig(out=str(tmp_path / "other"), hidden_size=64, intermediate_size=128,
                                        num_heads=4, num_kv_heads=2, vocab_size=600, seed=1))
-    loads = []
-    real = dpo_module.load_model
-    monkeypatch.setattr(dpo_module, "load_model", lambda cfg, *a, **k: loads.append(cfg.path) or real(cfg, *a, **k))
+    loads = _count_loads(monkeypatch)
     run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path / "run", f"reference.path={other}", "train.max_steps=1"))
     assert loads == [str(other), str(tiny_model)]  # reference first (then freed), then the policy
     assert _metrics(tmp_path / "run")[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)
@@ -186,9 +195,7 @@ def test_separate_reference_checkpoint(tiny_model, learnable_pairs, tmp_path, mo
 
 def test_reference_named_as_the_starting_policy_is_not_loaded_twice(tiny_model, learnable_pairs,
                                                                     tmp_path, monkeypatch):
-    loads = []
-    real = dpo_module.load_model
-    monkeypatch.setattr(dpo_module, "load_model", lambda cfg, *a, **k: loads.append(cfg.path) or real(cfg, *a, **k))
+    loads = _count_loads(monkeypatch)
     run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path, f"reference.path={tiny_model}", "train.max_steps=1"))
     assert loads == [str(tiny_model)]
     assert _metrics(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -197,9 +204,7 @@ def test_reference_named_as_the_starting_policy_is_not_loaded_twice(tiny_model, 
 def test_lora_reference_is_the_base_model_without_a_second_copy(tiny_model, learnable_pairs, tmp_path,
                                                                   monkeypatch):
     pytest.importorskip("peft")
-    loads = []
-    real = dpo_module.load_model
-    monkeypatch.setattr(dpo_module, "load_model", lambda cfg, *a, **k: loads.append(cfg.path) or real(cfg, *a, **k))
+    loads = _count_loads(monkeypatch)
     out = run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path, "lora.r=8", "optim.lr=1e-2",
                        "train.max_steps=6"))
     assert loads == [str(tiny_model)]  # one model in memory: the reference pass disabled the adapters
