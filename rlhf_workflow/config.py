@@ -92,6 +92,9 @@ class TrainConfig(Config):
         "error", description="a nan/inf loss or gradient norm: stop (keeping the checkpoints) or skip the step")
     save_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
         None, description="dtype of the exported model (None: as trained, fp32)")
+    save_file_gib: float = Field(
+        5.0, gt=0, description="largest safetensors file of the exported model, GiB (a sharded model is "
+        "exported file by file: this also bounds the main process's memory then)")
     timeout_minutes: float = Field(30.0, gt=0, description="how long a rank waits for the others")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="extra metric trackers besides metrics.jsonl"

@@ -127,11 +127,11 @@ def uses_flash_attention(model) -> bool:
 
 
 def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None,
-               dtype: str | None = None) -> Path:
+               dtype: str | None = None, max_shard_bytes: int | None = None) -> Path:
     """Save model and tokenizer into ``out`` via a temporary sibling folder and a rename.
 
-    ``state_dict`` replaces the model's own weights (those gathered from a sharded model);
-    ``dtype`` converts floating-point weights (and the config's dtype) on the way out."""
+    ``state_dict`` replaces the model's own weights; ``dtype`` converts floating-point weights
+    (and the config's dtype) on the way out; ``max_shard_bytes`` caps a safetensors file."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +141,8 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
         model.config.dtype = DTYPES[dtype]
     if state_dict is not None:
         state_dict = _without_tied_copies(model, state_dict)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    extra = {"max_shard_size": max_shard_bytes} if max_shard_bytes else {}
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     point("export")

@@ -1,5 +1,5 @@
-"""Loading each rank's share of a model: build it on the meta device, shard it, then read each
-rank's slices of the weights straight from the safetensors files.
+"""Each rank its share of a model: loaded by building it on the meta device, sharding it and
+reading each rank's slices straight from the safetensors files; exported tensor by tensor.
 
 Loaded the plain way, an 8B model costs every rank the whole fp32 model in host memory (32 GB,
 8 times on a node) and, for a moment, on its GPU. Here a rank allocates only its own shards
@@ -15,6 +15,10 @@ with safetensors' slice reads, tensor by tensor: its peak is its share plus one 
 - A checkpoint whose weight names are not the model's (architectures that transformers
   converts on load), a GGUF file or a hub name is not read this way: :func:`load_sharded` says
   so (None) and the caller loads it whole.
+
+Export (:func:`save_streamed`) gathers one tensor at a time on every rank and the main process
+writes them into safetensors files of at most ``max_file_bytes`` as they fill, with the
+index transformers reads: no process ever holds the whole state dict.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..faults import point
+from ..io import replace_dir
 from .loading import DTYPES, split_gguf
 
 MISSING_LIMIT = 0.01  # new weights (heads) beyond this share of the model: names do not match
@@ -81,6 +87,66 @@ def load_sharded(spec: ModelConfig, shard: Callable[[torch.nn.Module], None], de
             b.copy_(buffers[name])
         _fill(model, files, names, fresh)
     return model, sorted(fresh)
+
+
+def save_streamed(model: torch.nn.Module, tokenizer, out: str | Path, gather: Callable[[torch.Tensor], torch.Tensor],
+                  is_main: bool, dtype: str | None = None, max_file_bytes: int = 5 * 2**30) -> None:
+    """Write ``model`` (sharded) as a Hugging Face folder at ``out``, atomically. Every rank calls
+    it: ``gather(tensor)`` returns the whole tensor (a collective); the main process writes it.
+    A tied weight is written once, under its first name; ``dtype`` converts floating weights."""
+    from safetensors.torch import save_file
+
+    target = DTYPES[dtype] if dtype else None
+    items = [(name, t) for name, t, _ in _owned(model)]
+    size = [getattr(t, "ds_numel", t.numel()) * (target or t.dtype).itemsize for _, t in items]  # (ZeRO-3: ds_numel)
+    files: list[list[int]] = [[]]
+    filled = 0
+    for i, n in enumerate(size):
+        if files[-1] and filled + n > max_file_bytes:
+            files.append([])
+            filled = 0
+        files[-1].append(i)
+        filled += n
+    names = ["model.safetensors"] if len(files) == 1 else \
+        [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if is_main:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    weight_map, written = {}, []
+    for name, group in zip(names, files, strict=True):
+        part = {}
+        for i in group:
+            key, tensor = items[i]
+            with torch.no_grad():
+                full = gather(tensor)
+            if is_main:
+                convert = target if target is not None and full.is_floating_point() else full.dtype
+                full = full.to("cpu", convert, copy=True)  # (its own storage: a gathered one may be a view)
+                part[key] = full
+                weight_map[key] = name
+                written.append(full.dtype)
+            del full
+        if is_main:
+            save_file(part, str(tmp / name), metadata={"format": "pt"})
+    if not is_main:
+        return
+    if len(files) > 1:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(size)}, "weight_map": weight_map}, indent=2) + "\n")
+    config = model.config
+    config.dtype = next(d for d in written if d.is_floating_point)
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]  # (FSDP2 renames the class)
+    config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    point("export")
+    replace_dir(tmp, out)
 
 
 # --------------------------------------------------------------------------- internals

@@ -25,7 +25,8 @@ Attention: on CUDA, training never uses cuDNN's attention kernel (see :func:`tra
 
 Checkpoints: ``single``/``ddp``/``fsdp`` write model and optimizer with
 ``torch.distributed.checkpoint`` (one shard file per rank, reshardable to another world
-size); ZeRO writes DeepSpeed's own checkpoint. Every rank also saves its RNG states.
+size); ZeRO writes DeepSpeed's own checkpoint. Every rank also saves its RNG states. The final
+export of a sharded model is streamed, tensor by tensor (:meth:`Engine.export`).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..distributed import setup
 from ..errors import UserError
-from ..models.loading import load_with_info, unwrap
-from ..models.sharded import load_sharded
+from ..models.loading import load_with_info, save_model, unwrap
+from ..models.sharded import load_sharded, save_streamed
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
 
@@ -320,29 +321,32 @@ class Engine:
                                   options=StateDictOptions(ignore_frozen_params=True))
         return {"model": msd, "optim": osd}
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on CPU, gathered on rank 0 from the shards (every rank must
-        call it); None where the module itself holds them (one process, DDP) and on other ranks."""
-        model = self.model
+    def export(self, tokenizer, out: Path, dtype: str | None, max_file_bytes: int) -> None:
+        """Save the trained model as a Hugging Face folder at ``out`` (every rank calls it). One
+        process and DDP: the main process saves its whole model. FSDP2 and ZeRO: each tensor is
+        gathered on every rank in turn (ZeRO: the fp32 master weights) and the main process writes
+        it into files of at most ``max_file_bytes`` as they fill, so no process ever holds the
+        whole state dict (:func:`..models.sharded.save_streamed`)."""
         if self.strategy in ("single", "ddp"):
-            return None
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions as Options
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-            sd = get_model_state_dict(model, options=Options(full_state_dict=True, cpu_offload=True))
-            return sd if self.is_main else None
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        out = {}
-        for name, p in unwrap(model).named_parameters():  # fp32 master weights, gathered
-            full = safe_get_full_fp32_param(p)
             if self.is_main:
-                out[name] = full.detach().cpu()
-        if self.is_main:
-            persistent = unwrap(model).state_dict().keys()
-            out.update({name: b.detach().cpu() for name, b in unwrap(model).named_buffers() if name in persistent})
-        return out if self.is_main else None
+                model = self.module()
+                if hasattr(model, "peft_config"):
+                    save_model(model, None, out.with_name("adapter"))
+                    model = model.merge_and_unload()
+                save_model(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_file_bytes)
+            return
+        reshard(self.model)
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            def gather(t):
+                return safe_get_full_fp32_param(t) if isinstance(t, torch.nn.Parameter) else t
+        else:
+            from torch.distributed.tensor import DTensor
+
+            def gather(t):
+                return t.full_tensor() if isinstance(t, DTensor) else t
+        save_streamed(unwrap(self.model), tokenizer, out, gather, self.is_main, dtype, max_file_bytes)
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -42,9 +42,8 @@ from ..data.batching import plan_batches
 from ..distributed import all_sum, barrier, to_device
 from ..errors import UserError
 from ..io import write_json
-from ..models.loading import save_model as save_hf_model
 from .checkpoints import checkpoints, resume, save_checkpoint, truncate_metrics
-from .engine import Engine, engine_for
+from .engine import engine_for, reshard
 
 
 @dataclass
@@ -256,6 +255,7 @@ def train(
             if evaluate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                 model.eval()
                 record.update({f"eval/{key}": v for key, v in evaluate(eng.module()).items()})
+                reshard(model)  # (FSDP2: no weights left gathered for a checkpoint or the export)
                 model.train()
             if eng.is_main and ((step + 1) % cfg.log_every == 0 or done or any(k.startswith("eval/") for k in record)):
                 with (out / "metrics.jsonl").open("a") as f:
@@ -272,7 +272,9 @@ def train(
                 raise KeyboardInterrupt(f"stopped at step {step + 1} of {total}, checkpoint saved")
             if on_step is not None:
                 on_step(step + 1, record)
-    _export(eng, tokenizer, out / "model", cfg.save_dtype)
+    barrier()
+    eng.export(tokenizer, out / "model", cfg.save_dtype, int(cfg.save_file_gib * 2**30))
+    barrier()
     if eng.is_main:
         if finish is not None:
             finish(record)
@@ -336,20 +338,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def _export(eng: Engine, tokenizer, out: Path, dtype: str | None) -> None:
-    """Gather the weights on rank 0 and save a Hugging Face folder (LoRA: merged, and the adapter
-    kept beside it as ``adapter/``)."""
-    barrier()
-    state = eng.full_state_dict()
-    if eng.is_main:
-        model = eng.module()
-        if hasattr(model, "peft_config"):
-            save_hf_model(model, None, out.with_name("adapter"))
-            model = model.merge_and_unload()
-        save_hf_model(model, tokenizer, out, state_dict=state, dtype=dtype)
-    barrier()
 
 
 def _trackers(cfg: TrainConfig, out: Path, run_config: Config | None) -> list:
