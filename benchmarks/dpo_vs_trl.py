@@ -64,8 +64,7 @@ def run_ours(model: str, pairs: str, out: str, extra: list[str]) -> dict:
         f"model.path={model}", f"data.train={pairs}", f"data.max_length={MAX_LEN}",
         f"optim.lr={LR}", "optim.betas=[0.9,0.999]", "optim.warmup_ratio=0.03", f"loss.beta={BETA}",
         f"train.epochs={EPOCHS}", f"train.micro_batch_size={MICRO}", f"train.global_batch_size={MICRO * ACCUM}",
-        f"train.output_dir={out}", "train.progress=false", "train.log_every=1",
-        f"reference.batch_size={2 * MICRO}", *extra,
+        f"train.output_dir={out}", "train.progress=false", "train.log_every=1", *extra,
     ])
     from rlhf_workflow.training import dpo, reference
 
@@ -128,11 +127,11 @@ def final_loss(policy: str, reference: str, pairs: str) -> float:
     from rlhf_workflow.data.records import PreferencePair
     from rlhf_workflow.losses import dpo_sigmoid_loss
     from rlhf_workflow.models.loading import load_model, load_tokenizer
-    from rlhf_workflow.training.reference import compute_reference_logps
+    from rlhf_workflow.training.reference import compute_reference_logps, in_batches
 
     tok = load_tokenizer(ModelConfig(path=reference))
     tp = [tokenize_pair(tok, r, MAX_LEN, 1000) for r in read_records(pairs, PreferencePair)]
-    lp = {p: compute_reference_logps(load_model(ModelConfig(path=p)), tp, tok.pad_token_id, 32,
+    lp = {p: compute_reference_logps(load_model(ModelConfig(path=p)), tp, tok.pad_token_id, in_batches(len(tp), 32),
                                      progress=False) for p in (policy, reference)}
     losses, _, _ = dpo_sigmoid_loss(lp[policy][:, 0], lp[policy][:, 1], lp[reference][:, 0],
                                     lp[reference][:, 1], BETA)

@@ -29,6 +29,7 @@ from rlhf_workflow.distributed import barrier, setup
 from rlhf_workflow.models.loading import load_tokenizer, pad_id
 from rlhf_workflow.reward.bt import load_reward_model, score
 from rlhf_workflow.training.engine import free, load_frozen, load_trainable
+from rlhf_workflow.training.loop import TrainData, step_plan
 from rlhf_workflow.training.reference import compute_reference_logps
 
 MIB = 2**20
@@ -95,7 +96,9 @@ def main() -> None:
     barrier()
     with Peak() as ref:  # the reference pass: a frozen model, one no-grad pass over the pairs
         model, _ = load_frozen(spec, sharded)
-        compute_reference_logps(model, pairs, pad_id(tok), 4, progress=False, shared=True)
+        plan = step_plan(TrainData([len(p) for p in pairs], collate=None), TrainConfig(
+            global_batch_size=4 * world, micro_batch_size=4), world)
+        compute_reference_logps(model, pairs, pad_id(tok), plan.first_epoch(rank), progress=False, shared=True)
         free(model)
         del model
     barrier()

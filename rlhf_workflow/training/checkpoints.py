@@ -29,7 +29,7 @@ from .engine import Engine, setup_for
 RESUMABLE = ("train.progress", "train.log_every", "train.report_to", "train.save_every", "train.save_minutes",
              "train.keep_checkpoints", "train.resume", "train.timeout_minutes", "train.strategy",
              "train.micro_batch_size", "train.activation_checkpointing", "train.eval_every",
-             "eval_batch_size", "reference.batch_size", "train.save_file_gib")
+             "eval_batch_size", "train.save_file_gib")
 
 
 def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:

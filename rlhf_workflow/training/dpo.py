@@ -9,8 +9,9 @@ N rows, each holding its prompt once and then the chosen and the rejected respon
 mask keeps from seeing each other (``data.share_prompt``; without it, or with flash
 attention, 2N padded rows). Batches are length-grouped to cut padding.
 The reference log-probs are not computed during training at all: one no-grad pass before
-training, shared out over every rank and run in the precision training computes in, writes
-them to a cache file keyed by the reference model and the tokenized pairs
+training over the very micro-batches of training's first epoch, each rank its own, in the
+precision training computes in, writes them to a cache file keyed by the reference model,
+the batching and the tokenized pairs
 (:mod:`.reference`); the reference model is freed before the policy is loaded, and every
 epoch and every resumed run reads the cache. With LoRA the reference is the base model (the
 policy with its adapters off). The resolved reference is printed at start. With LoRA the
@@ -46,7 +47,7 @@ from .engine import (
     resolve_strategy,
     setup_for,
 )
-from .loop import Objective, StepOutput, TrainData, train
+from .loop import Objective, StepOutput, TrainData, step_plan, train
 
 
 class DPODataConfig(PairLimits):
@@ -89,7 +90,6 @@ class ReferenceConfig(Config):
     path: str | None = Field(
         None, description="reference checkpoint (the online loop sets it: the SFT model or the previous "
         "policy); None = the starting policy itself (with LoRA: the base model)")
-    batch_size: int = Field(16, ge=1, description="pairs per forward pass of the reference pass")
 
 
 class LoRAConfig(Config):
@@ -167,12 +167,7 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
           f"a response longer than max_length {cfg.data.max_length}), loss {kind.value}, beta {cfg.loss.resolved_beta}, "
           + ("one row per pair (prompt shared)" if shared else "two rows per pair"))
     pad = pad_id(tokenizer)
-
     ref = policy = None
-    if kind.needs_reference:
-        ref, policy = reference_logps(cfg, pairs, pad, out, shared)
-    elif cfg.reference.path is not None:
-        print(f"dpo: loss {kind.value} is reference-free; reference {cfg.reference.path} is not used")
 
     def collate(rows: list[list[int]]) -> dict:
         idx = [row[0] for row in rows]
@@ -183,17 +178,23 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
 
     lengths = [p.shared_len() if shared else max(len(p.chosen.input_ids), len(p.rejected.input_ids))
                for p in pairs]
-    train(policy or _load_policy(cfg), tokenizer, TrainData(lengths, collate), dpo_objective(cfg.loss), cfg.train,
-          cfg.optim, on_step=on_step, run_config=cfg)
+    data = TrainData(lengths, collate)
+    if kind.needs_reference:
+        ref, policy = reference_logps(cfg, pairs, pad, out, shared, data)
+    elif cfg.reference.path is not None:
+        print(f"dpo: loss {kind.value} is reference-free; reference {cfg.reference.path} is not used")
+    train(policy or _load_policy(cfg), tokenizer, data, dpo_objective(cfg.loss), cfg.train, cfg.optim,
+          on_step=on_step, run_config=cfg)
     return out / "model"
 
 
-def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: Path, shared: bool):
+def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: Path, shared: bool,
+                    data: TrainData):
     """(reference log-probs (N, 2), the policy if it was loaded for the pass, else None).
 
-    Read from the cache, or computed once with every rank taking its share of the batches,
-    in the precision training computes in (so the first loss is log 2 when the reference is
-    the starting policy). The reference is ``reference.path``, or the starting policy
+    Read from the cache, or computed once on the micro-batches of training's first epoch,
+    each rank its own, in the precision training computes in (so the first loss is exactly
+    log 2 when the reference is the starting policy, whatever the precision and batch size). The reference is ``reference.path``, or the starting policy
     (``reference`` None or the same folder as ``model.path``), which is then run by the
     policy itself before it trains (with LoRA: adapters disabled), so its weights are loaded
     once; unless training computes on bf16 copies of the weights (FSDP/ZeRO with bf16),
@@ -206,7 +207,10 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: P
     strategy = resolve_strategy(cfg.train.strategy, world)
     precision = resolve_precision(cfg.train.mixed_precision, device)
     load_dtype, autocast = inference_precision(strategy, precision, cfg.model.dtype)
-    key = ref_cache.cache_key(ref_cache.model_identity(source), f"{load_dtype}/autocast={autocast}", pairs)
+    plan = step_plan(data, cfg.train, world)
+    batching = f"{load_dtype}/autocast={autocast}/micro={plan.micro}x{plan.step_size}/seed={cfg.train.seed}/" \
+               f"grouped={cfg.train.group_by_length}"  # the batches a pair is padded into
+    key = ref_cache.cache_key(ref_cache.model_identity(source), batching, pairs)
     path = ref_cache.cache_path(out, key)
     what = source + (" (the starting policy" + (", adapters disabled)" if cfg.lora.r else ")")
                      if not separate else "")
@@ -230,7 +234,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: P
         raise UserError(f"reference {source}: its vocabulary is smaller than the tokenizer's "
                         f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
     logps = ref_cache.compute_reference_logps(
-        model.to(device), pairs, pad, cfg.reference.batch_size, autocast, cfg.train.progress, shared)
+        model.to(device), pairs, pad, plan.first_epoch(rank), autocast, cfg.train.progress, shared)
     point("reference")
     if rank == 0:
         ref_cache.save_cache(path, key, logps, source)

@@ -128,10 +128,25 @@ class StepPlan:
             self._cached = (epoch, self.plan(epoch))
         lo, hi = k * self.step_size, min((k + 1) * self.step_size, self.sizes[e])
         steps_in_epoch = self.ends[e] - (self.ends[e - 1] if e else 0)
-        batches = self._cached[1][lo:hi]
+        return (epoch + (k + 1) / steps_in_epoch, *self._dealt(self._cached[1][lo:hi], rank))
+
+    def _dealt(self, batches: list, rank: int) -> tuple[list, int]:
+        """(this rank's micro-batches of a step, fillers last; how many are real)."""
         mine = [batches[i] for i in deal(len(batches), self.world)[rank]]
         rounds = math.ceil(len(batches) / self.world)
-        return epoch + (k + 1) / steps_in_epoch, mine + [batches[-1]] * (rounds - len(mine)), len(mine)
+        return mine + [batches[-1]] * (rounds - len(mine)), len(mine)
+
+    def first_epoch(self, rank: int) -> list[tuple[list, int]]:
+        """This rank's micro-batches of every step of the first epoch, as :func:`train` runs
+        them (whatever ``max_steps`` says): every example is in one real micro-batch of one
+        rank. The reference pass computes on exactly these batches."""
+        plan = self.plan(0)
+        return [self._dealt(plan[lo : lo + self.step_size], rank) for lo in range(0, len(plan), self.step_size)]
+
+
+def step_plan(data: TrainData, cfg: TrainConfig, world: int) -> StepPlan:
+    """The plan :func:`train` follows on ``world`` ranks."""
+    return StepPlan(data, cfg, *batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world), world)
 
 
 def deal(n: int, world: int) -> list[list[int]]:
@@ -169,9 +184,8 @@ def train(
     if eng.deepspeed and cfg.on_nonfinite == "skip":
         raise UserError("train.on_nonfinite=skip is not available with DeepSpeed (it steps inside its engine)")
     set_seed(cfg.seed)
-    micro, accum = batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world)
-    plan = StepPlan(data, cfg, micro, accum, world)
-    total = plan.total
+    plan = step_plan(data, cfg, world)
+    micro, accum, total = plan.micro, plan.step_size // world, plan.total
     warmup = math.ceil(optim.warmup_ratio * total)
     if cfg.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20

@@ -1,8 +1,8 @@
 """Reference log-probs for DPO: computed once, before training, and cached on disk.
 
 The reference model's summed response log-probs of every pair are computed in one no-grad
-pass (length-sorted batches, optional bf16 autocast) and saved as an (N, 2) tensor, index
-aligned with the pairs, column 0 = chosen, 1 = rejected. The file name carries a key that
+pass over the micro-batches training's first epoch will run (optional bf16 autocast) and
+saved as an (N, 2) tensor, index aligned with the pairs, column 0 = chosen, 1 = rejected. The file name carries a key that
 hashes what the numbers depend on: the reference weights' identity, the dtype of the pass,
 and the exact token sequences of the pairs (which already reflect the tokenizer, the chat
 template, the data and the truncation limits). A second epoch reads the tensor from memory;
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
+from tqdm.auto import tqdm
 
 from ..data.pairs import TokenizedPair, collate_pairs
-from ..distributed import run_batched, to_device
+from ..distributed import all_sum, rank_and_world, to_device
 from ..io import atomic_open
 from ..models.logprobs import response_logps
 
@@ -51,30 +52,44 @@ def cache_key(identity: dict, dtype: str, pairs: list[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
-def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int,
+def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, steps: list[tuple[list, int]],
                             autocast: str | None = None, progress: bool = True,
                             shared: bool = False) -> torch.Tensor:
     """(N, 2) summed response log-probs of ``pairs`` under ``model`` (chosen, rejected),
-    batched in the shared-prompt layout with ``shared``, under ``autocast`` ("bf16"/"fp16").
+    computed on this rank's micro-batches of training's first epoch (``steps``, from
+    :meth:`..loop.StepPlan.first_epoch`: (micro-batches of rows, how many are real) per step),
+    in the shared-prompt layout with ``shared``, under ``autocast`` ("bf16"/"fp16").
 
-    Every rank of a process group computes its share of the batches and returns the whole
-    tensor (:func:`..distributed.run_batched`). A PEFT model runs with its adapters disabled.
+    A pair is padded into exactly the batch training will first run it in, so with the policy
+    as its own reference the first epoch's log-probs are bit for bit training's (its first
+    loss is log 2 at any precision; in bf16 a log-prob depends on the batch around it). Every
+    rank runs as many forward passes (fillers included: FSDP2 and ZeRO-3 gather weights inside
+    them) and the result is summed over the ranks. A PEFT model runs with its adapters disabled.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "")
-
-    def run(idx: list[int]) -> torch.Tensor:
-        batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, shared), device)
-        return torch.stack(response_logps(model, batch).chunk(2), dim=1)
-
-    with adapters_off, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        out = run_batched([len(p) for p in pairs], batch_size, run,
-                          desc="reference log-probs" if progress else None)
+    out = torch.zeros((len(pairs), 2), device=device)
+    bar = tqdm(steps, desc="reference log-probs", unit="step", disable=not progress or rank_and_world()[0] != 0,
+               dynamic_ncols=True)
+    with torch.no_grad(), adapters_off, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for batches, real in bar:
+            for k, rows in enumerate(batches):
+                idx = [row[0] for row in rows]
+                batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, shared), device)
+                logps = torch.stack(response_logps(model, batch).chunk(2), dim=1).float()
+                if k < real:
+                    out[idx] = logps
     model.train(was_training)
-    return out
+    return all_sum(out).cpu()
+
+
+def in_batches(n: int, size: int) -> list[tuple[list, int]]:
+    """One process's ``steps`` for :func:`compute_reference_logps`: the n pairs in order, in
+    micro-batches of ``size``."""
+    return [([[[i] for i in range(lo, min(lo + size, n))]], 1) for lo in range(0, n, size)]
 
 
 def cache_path(out_dir: str | Path, key: str) -> Path:

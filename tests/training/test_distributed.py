@@ -231,6 +231,16 @@ def test_a_separate_reference_is_sharded_like_the_policy(strategy, tiny_model, s
     _assert_same_weights(two, one)
 
 
+def test_bf16_dpo_under_fsdp_starts_at_exactly_log2(tiny_model, sandbox_data, tmp_path):
+    """FSDP2 with bf16 compute: the reference pass (the starting policy's weights in bf16, sharded
+    like the policy) runs each rank's own first-epoch micro-batches, so the first margins are 0."""
+    out = tmp_path / "bf16"
+    torchrun(["dpo"], _dpo_args(tiny_model, sandbox_data, out, "train.strategy=fsdp", "train.mixed_precision=bf16",
+                                "train.max_steps=1", "train.micro_batch_size=3", "train.global_batch_size=6"))
+    assert _world(out) == WORLD
+    assert _metrics(out)[0] == pytest.approx(0.6931472, abs=1e-6) and _metrics(out, "rewards/margin")[0] == 0.0
+
+
 def test_dpo_on_two_ranks_trains_every_pair_of_an_odd_count(tiny_model, sandbox_data, tmp_path):
     """9 pairs in micro-batches of 2: the last step has one micro-batch, which rank 0 trains on
     while rank 1 runs a zero-weight filler; the update is one process's."""

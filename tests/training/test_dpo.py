@@ -114,12 +114,24 @@ def test_resume_and_second_epoch_never_recompute_the_reference(tiny_model, learn
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("micro", [1, 3, 8])
+def test_the_first_loss_is_exactly_log2_in_bf16_at_any_batch_size(micro, tiny_model, learnable_pairs, tmp_path):
+    """In bf16 a log-prob depends on the batch it is padded into; the reference pass runs the
+    very micro-batches of the first epoch, so policy == reference gives exactly log 2."""
+    run_dpo(_cfg(tiny_model, learnable_pairs, tmp_path, "train.max_steps=1", "train.mixed_precision=bf16",
+                 "train.global_batch_size=24", f"train.micro_batch_size={micro}"))
+    first = _metrics(tmp_path)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # (24 float32 terms summed)
+    assert first["rewards/margin"] == 0.0
+
+
 def test_cached_reference_logps_equal_fresh_ones(tiny_model, sandbox_data, tmp_path):
     cfg = ModelConfig(path=str(tiny_model))
     tok, model = load_tokenizer(cfg), load_model(cfg)
     records = read_records(sandbox_data / "prefs_train.jsonl", PreferencePair)[:24]
     pairs = [tokenize_pair(tok, r, 64, 16) for r in records]
-    batched = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 7, progress=False)
+    batched = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, ref_cache.in_batches(24, 7),
+                                                 progress=False)
     with torch.no_grad():  # one unpadded sequence at a time
         for i, p in enumerate(pairs):
             for j, t in enumerate((p.chosen, p.rejected)):
@@ -138,7 +150,8 @@ def test_cached_reference_logps_equal_fresh_ones(tiny_model, sandbox_data, tmp_p
     assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "bf16", pairs) != key
     assert ref_cache.cache_key(ref_cache.model_identity(sandbox_data), "fp32", pairs) != key
     # the bf16 pass is close to the fp32 one
-    half = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 7, "bf16", progress=False)
+    half = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, ref_cache.in_batches(24, 7), "bf16",
+                                              progress=False)
     torch.testing.assert_close(half, batched, rtol=0.02, atol=0.5)
 
 
@@ -150,8 +163,10 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model, san
     records = read_records(sandbox_data / "prefs_train.jsonl", PreferencePair)[:16]
     pairs = [tokenize_pair(tok, r, max_length, 16) for r in records]
     assert any(p.shared_prefix > 10 for p in pairs)
-    two_rows = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False)
-    shared = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, 5, progress=False, shared=True)
+    two_rows = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, ref_cache.in_batches(16, 5),
+                                                  progress=False)
+    shared = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, ref_cache.in_batches(16, 5),
+                                                progress=False, shared=True)
     torch.testing.assert_close(shared, two_rows, atol=1e-4, rtol=1e-5)
     objective = dpo_module.dpo_objective(load_config(dpo_module.LossConfig, None, ["rpo_alpha=0.5"]))
     offset_ref = two_rows[:8] + torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
