@@ -49,6 +49,14 @@ from ..models.sharded import load_sharded, save_streamed
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
 
 
+def _state_options():
+    """Checkpointed state: the trained weights (a LoRA run's frozen base is not saved) and the
+    optimizer; loading is strict, so a missing or unexpected key is an error, not skipped."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=True)
+
+
 def setup_for(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of a training stage's process; FSDP and ZeRO get a process
     group even when it runs alone."""
@@ -256,7 +264,7 @@ class Engine:
         """Clip, update, zero the gradients: (gradient norm before clipping, whether the weights
         were updated). Nothing is updated when ``skip`` is set or the norm is not finite
         (under fp16 the loss scaler handles overflow itself; DeepSpeed always steps)."""
-        if self.deepspeed:
+        if self.deepspeed:  # it steps inside its engine: a non-finite update is applied too
             self.model.step()
             norm = self.model.get_global_grad_norm()
             return (float(norm) if norm is not None else 0.0), True
@@ -303,22 +311,21 @@ class Engine:
             self.model.load_checkpoint(str(path), tag="state", load_lr_scheduler_states=False)
         else:
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            from torch.distributed.checkpoint.state_dict import set_state_dict
 
             state = self._state_dicts()
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=str(path / "state"))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"], options=StateDictOptions(strict=False))
+                           optim_state_dict=state["optim"], options=_state_options())
         own = path / f"rng-{self.rank}.pt"
         if own.exists():  # a run resumed on more ranks than it was saved with reseeds the rest
             set_rng_state(torch.load(own, weights_only=True))
 
     def _state_dicts(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(self.model, self.optimizer,
-                                  options=StateDictOptions(ignore_frozen_params=True))
+        msd, osd = get_state_dict(self.model, self.optimizer, options=_state_options())
         return {"model": msd, "optim": osd}
 
     def export(self, tokenizer, out: Path, dtype: str | None, max_file_bytes: int) -> None:
@@ -406,14 +413,19 @@ def _single_process_ok():
 
 
 def rng_state() -> dict:
+    """This rank's random states: Python's, the CPU's and its own GPU's (not every GPU of the
+    host: a run may resume on a host with fewer)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # (saved by an older version: one state per visible GPU)
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)

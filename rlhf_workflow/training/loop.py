@@ -254,7 +254,7 @@ def train(
             loss = reduced[0] / items
             grad_norm, updated = eng.step(optim.max_grad_norm, skip=not math.isfinite(loss))
             if not (updated and math.isfinite(loss) and math.isfinite(grad_norm)):
-                skipped = _nonfinite(cfg, out, step + 1, loss, grad_norm, skipped)
+                skipped = _nonfinite(cfg, out, step + 1, loss, grad_norm, skipped, applied=updated)
             scheduler.step()  # after the check: no scheduler warning in front of a stopped run's error
             tokens_seen += reduced[-3]
             record = {"step": step + 1, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
@@ -326,14 +326,18 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _nonfinite(cfg: TrainConfig, out: Path, step: int, loss: float, grad_norm: float, skipped: int) -> int:
-    """A step whose loss or gradient norm is nan/inf updated nothing: stop (the checkpoints so
-    far are kept), or with ``train.on_nonfinite=skip`` count it and go on."""
+def _nonfinite(cfg: TrainConfig, out: Path, step: int, loss: float, grad_norm: float, skipped: int,
+               applied: bool = False) -> int:
+    """A step whose loss or gradient norm is nan/inf: stop (the checkpoints so far are kept), or
+    with ``train.on_nonfinite=skip`` count it and go on. One process, DDP and FSDP2 updated
+    nothing; DeepSpeed (``applied``) steps inside its engine and applied the update."""
     what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
     if cfg.on_nonfinite == "error":
         last = checkpoints(out)[-1][1].name if checkpoints(out) else "none yet"
-        raise UserError(f"{what}: the weights were not updated and training stopped (last checkpoint: "
-                        f"{last}); lower optim.lr, check the data, or set train.on_nonfinite=skip")
+        done = ("DeepSpeed applied the update (it steps inside its engine), so the weights in memory are "
+                "not trusted and" if applied else "the weights were not updated and")
+        raise UserError(f"{what}: {done} training stopped (last checkpoint: {last}, from before it); lower "
+                        "optim.lr, check the data" + ("" if applied else ", or set train.on_nonfinite=skip"))
     print(f"warning: {what}: step skipped", file=sys.stderr)
     return skipped + 1
 

@@ -3,6 +3,7 @@ DeepSpeed ZeRO give the losses and weights one process gives; a sharded run kill
 SIGKILL resumes to the same result; the batch plan keeps every rank equally busy."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -258,7 +259,45 @@ def test_dpo_on_two_ranks_trains_every_pair_of_an_odd_count(tiny_model, sandbox_
     _assert_same_weights(two, one)
 
 
+def test_a_nonfinite_step_under_zero_says_the_update_was_applied(tiny_model, sandbox_data, tmp_path):
+    """DeepSpeed steps inside its engine, so a non-finite step is applied: the run stops with one
+    line that says so (not that the weights were kept)."""
+    _needs("zero2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "rlhf_workflow.cli", "sft", *_sft_args(tiny_model, sandbox_data / "sft.jsonl", tmp_path / "run",
+                                                       "train.strategy=zero2", "optim.lr=1e30", "train.max_steps=4",
+                                                       "optim.max_grad_norm=0")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0 and _world(tmp_path / "run") == WORLD
+    assert "DeepSpeed applied the update (it steps inside its engine)" in done.stderr, done.stderr[-2000:]
+    assert "the weights were not updated" not in done.stderr
+
+
 # --------------------------------------------------------------------------- crash and resume
+
+
+@pytest.mark.parametrize("strategy", ["zero3"])
+def test_a_zero_run_killed_while_checkpointing_resumes_to_the_same_result(strategy, tiny_model, sandbox_data,
+                                                                          tmp_path):
+    """Both ranks die while writing their second checkpoint (DeepSpeed's own format); the re-run
+    removes the unfinished one, resumes from the first and ends where one process ends."""
+    _needs(strategy)
+    args = [f"model.path={tiny_model}", f"data.train={sandbox_data / 'sft.jsonl'}", "data.max_length=128",
+            "data.packing=false", "optim.lr=1e-3", "train.max_steps=8", "train.save_every=3",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "train.progress=false", "train.log_every=1"]
+    one, out = tmp_path / "one", tmp_path / "killed"
+    run_sft(load_config(SFTConfig, None, [*args, f"train.output_dir={one}"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "rlhf_workflow.cli", "sft", *args, f"train.output_dir={out}", f"train.strategy={strategy}"]
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "RLHF_KILL_AT": "checkpoint:2"})
+    assert killed.returncode != 0 and (out / "checkpoints" / "step-000006.tmp").exists()
+    log = torchrun(["sft"], [*args, f"train.output_dir={out}", f"train.strategy={strategy}"])
+    assert "resuming at step 3" in log and _world(out) == WORLD
+    assert _metrics(out, "step") == list(range(1, 9))
+    assert _metrics(out) == pytest.approx(_metrics(one), rel=1e-5)
+    _assert_same_weights(out, one)
+    assert not list((out / "checkpoints").glob("*.tmp"))
 
 
 def test_sharded_run_killed_with_sigkill_resumes_to_the_same_result(tiny_model, sandbox_data, tmp_path):
