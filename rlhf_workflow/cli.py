@@ -58,6 +58,8 @@ COMMANDS: dict[str, Command] = {
                       "report.md/.html and plots of a demo or loop run directory"),
     "eval policy": Command("evaluation.policy:EvalPolicyConfig", "evaluation.policy:run_eval_policy",
                            "sample a policy on sandbox prompts and report the gold reward"),
+    "eval iteration": Command("evaluation.iteration:IterationEvalConfig", "evaluation.iteration:run_iteration_eval",
+                              "evaluate one policy of the loop (held-out samples, KL, judge and gold rewards)"),
 }
 
 

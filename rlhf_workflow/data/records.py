@@ -117,6 +117,7 @@ class Rollout(Record):
     meta: dict[str, Any] | None = None
     finish_reasons: list[Literal["stop", "length"]] | None = None
     num_tokens: list[int] | None = None
+    token_ids: list[list[int]] | None = None  # as sampled (kept on request: the held-out samples' KL)
     rewards: list[float] | None = None
 
     def messages(self) -> list[dict[str, str]]:

@@ -1,4 +1,11 @@
-"""Evaluation of each policy of the online loop.
+"""Evaluation of each policy of the online loop: ``rlhf eval iteration``, a stage of its own.
+
+The loop launches it like generation and annotation (on ``processes`` ranks, in a process of
+its own, so its memory is returned before the next stage starts); on several ranks each holds
+a copy of the policy, the reference and the judge in turn, and the sampling, the log-probs and
+the scoring are shared out over them (same numbers as one process). With the vLLM backend the
+loop samples the held-out prompts with ``rlhf generate`` first (token ids kept) and this stage
+reads those samples (``rollouts``).
 
 On held-out prompts (``eval.prompts``), with the same sampling seed for every policy:
 mean reward under the annotating reward model, mean length, end-of-turn rate, the gold
@@ -12,30 +19,69 @@ chose against the best gold reward among the n (and of the one it rejected).
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..data.batching import collate_rows
 from ..data.chat import IGNORE, encode_prompt
 from ..data.readers import iter_records, iter_rows, read_records
 from ..data.records import Prompt, Rollout
-from ..distributed import device, run_batched, to_device
+from ..distributed import rank_and_world, run_batched, setup, to_device
 from ..generation.hf import generate_hf
 from ..generation.sampling import Sample, SamplingConfig
-from ..models.loading import load_model, load_tokenizer, pad_id
+from ..io import write_json
+from ..models.loading import load_tokenizer, pad_id
 from ..models.logprobs import response_logps
-from ..online.annotate import gold_rewards
+from ..online.annotate import AnnotatorConfig, gold_rewards
+from ..training.engine import free, load_frozen
 from .policy import gold_metrics
 
 
+class HeldOutConfig(Config):
+    prompts: str | None = Field(None, description="held-out prompts to evaluate each policy on (None = skip)")
+    limit: int = Field(500, ge=0, description="evaluate on the first N held-out prompts (0 = all)")
+    sampling: SamplingConfig = SamplingConfig(n=4, temperature=1.0, max_new_tokens=2048)
+    kl: bool = Field(True, description="estimate KL(pi_t || pi_0) from the sampled responses")
+
+
+class IterationEvalConfig(Config):
+    iteration: int = Field(0, ge=0, description="the iteration (0 = the SFT policy)")
+    policy: ModelConfig = ModelConfig(path="runs/online/iter_1/dpo/model")
+    sft: str = Field("runs/sft/model", description="pi_0, for the KL estimate")
+    eval: HeldOutConfig = HeldOutConfig()
+    annotator: AnnotatorConfig = AnnotatorConfig()
+    seed: int = Field(42, description="sampling seed (the same for every policy)")
+    rollouts: str | None = Field(
+        None, description="held-out samples to evaluate (`rlhf generate` output with token ids, e.g. from vLLM) "
+        "instead of sampling here with transformers")
+    iteration_dir: str | None = Field(
+        None, description="the iteration's folder (scored rollouts and pairs) for its rollout statistics")
+    out: str = Field("metrics.json", description="JSON file to write")
+
+
+def run_iteration_eval(cfg: IterationEvalConfig) -> dict:
+    """Evaluate one policy of the loop and write ``cfg.out`` (on the main process)."""
+    rank, world, _ = setup()
+    if rank == 0 and cfg.eval.prompts:
+        print(f"eval iteration {cfg.iteration}: {cfg.policy.path} on held-out prompts ({cfg.eval.sampling.n} "
+              f"samples each), on {world} process(es)")
+    metrics = evaluate_iteration(cfg.policy.path, cfg.sft, cfg.policy, cfg.eval, cfg.annotator, cfg.seed,
+                                 Path(cfg.iteration_dir) if cfg.iteration_dir else None, cfg.rollouts)
+    result = {"iteration": cfg.iteration, "policy": cfg.policy.path, "processes": world, **metrics}
+    if rank == 0:
+        write_json(cfg.out, result)
+    return result
+
+
 def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Sample],
-                 batch_size: int = 16) -> list[float]:
+                 batch_size: int = 16, shard: bool = False) -> list[float]:
     """log pi(y | x) of each sample's own token ids (exactly what was sampled, no re-tokenizing),
-    summed over the response; each distinct prompt is tokenized once."""
+    summed over the response; each distinct prompt is tokenized once. With ``shard`` the batches
+    are shared out over the ranks (each holding the model)."""
     model.eval()
     encoded: dict[int, list[int]] = {}
     seqs = []
@@ -48,16 +94,16 @@ def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Samp
     def run(idx: list[int]) -> torch.Tensor:
         return response_logps(model, to_device(collate_rows([[seqs[i]] for i in idx], pad), device))
 
-    return run_batched([len(ids) for ids, _ in seqs], batch_size, run, shard=False).tolist()
+    return run_batched([len(ids) for ids, _ in seqs], batch_size, run, shard=shard).tolist()
 
 
-def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator,
-                       seed: int, iteration_dir: Path | None) -> dict:
+def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutConfig, annotator,
+                       seed: int, iteration_dir: Path | None, rollouts: str | None = None) -> dict:
     metrics: dict = {}
     if iteration_dir is not None:
         metrics.update(_rollout_stats(iteration_dir))
     if eval_cfg.prompts:
-        metrics.update(_held_out(policy, sft, model_cfg, eval_cfg, annotator, seed))
+        metrics.update(_held_out(policy, sft, model_cfg, eval_cfg, annotator, seed, rollouts))
     return metrics
 
 
@@ -93,14 +139,21 @@ def selection_gold(gold: dict, pairs) -> dict:
             "best_gold": _mean(max(g) for g, _, _ in rows), "rollout_gold": _mean(sum(g) / len(g) for g, _, _ in rows)}
 
 
-def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator, seed: int) -> dict:
+def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutConfig, annotator, seed: int,
+              rollouts: str | None) -> dict:
     prompts = read_records(eval_cfg.prompts, Prompt)
     prompts = prompts[: eval_cfg.limit] if eval_cfg.limit else prompts
     messages = [p.messages() for p in prompts]
     sampling: SamplingConfig = eval_cfg.sampling.model_copy(update={"seed": seed})
     spec = model_cfg.model_copy(update={"path": policy})
-    model, tok = _load_on_device(spec)
-    samples = generate_hf(model, tok, messages, sampling)
+    tok = load_tokenizer(spec)
+    shard = rank_and_world()[1] > 1  # every rank a copy: the work shared out, the numbers one process's
+    model = None
+    if rollouts is not None:
+        samples = _read_samples(rollouts, prompts)
+    else:
+        model, _ = load_frozen(spec, shard=False)
+        samples = generate_hf(model, tok, messages, sampling, shard=shard)
     flat_p = [m for m, group in zip(messages, samples, strict=True) for _ in group]
     flat_s = [s for group in samples for s in group]
     flat_r = [s.text for s in flat_s]
@@ -108,32 +161,42 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg, annotator
            "mean_chars": _mean([len(t) for t in flat_r]),
            "eos_rate": _mean([s.finish_reason == "stop" for g in samples for s in g])}
     if eval_cfg.kl:
-        lp = sample_logps(model, tok, flat_p, flat_s)
-        del model
-        ref, _ = _load_on_device(spec.model_copy(update={"path": sft}))
-        out["kl"] = _mean([a - b for a, b in zip(lp, sample_logps(ref, tok, flat_p, flat_s), strict=True)])
-        del ref
-    else:
-        del model
-    gc.collect()
+        if model is None:
+            model, _ = load_frozen(spec, shard=False)
+        lp = sample_logps(model, tok, flat_p, flat_s, shard=shard)
+        free(model)
+        ref, _ = load_frozen(spec.model_copy(update={"path": sft}), shard=False)
+        out["kl"] = _mean([a - b for a, b in zip(lp, sample_logps(ref, tok, flat_p, flat_s, shard=shard),
+                                                 strict=True)])
+        free(ref)
+    elif model is not None:
+        free(model)
     if annotator.kind in ("bt", "dpo"):  # (a PM gives no absolute reward; gold is reported below)
         from ..reward.bt import load_reward_model, score
 
         rm, rm_tok = load_reward_model(annotator.path, annotator.dtype, reference=annotator.reference,
-                                       beta=annotator.beta)
-        rewards = score(rm, rm_tok, flat_p, flat_r, annotator.batch_size, annotator.max_length, progress=False)
+                                       beta=annotator.beta, shard=annotator.shard)
+        rewards = score(rm, rm_tok, flat_p, flat_r, annotator.batch_size, annotator.max_length, progress=False,
+                        shard=shard)
         per_prompt = [rewards[i : i + sampling.n] for i in range(0, len(rewards), sampling.n)]
         out.update(rm_reward=_mean(rewards), rm_best_of_n=_mean([max(g) for g in per_prompt]))
-        del rm
-        gc.collect()
+        free(rm)
     if all(p.meta and "skill" in p.meta for p in prompts):
         gold = gold_metrics(prompts, samples)
         out.update(gold_reward=gold["gold_reward"], accuracy=gold["accuracy"], per_skill=gold["per_skill"])
     return out
 
 
-def _load_on_device(spec: ModelConfig):
-    return load_model(spec).to(device()), load_tokenizer(spec)
+def _read_samples(path: str, prompts: list[Prompt]) -> list[list[Sample]]:
+    """The samples of ``rlhf generate`` for the held-out prompts, in their order (token ids kept)."""
+    from ..errors import UserError
+
+    records = list(iter_records(path, Rollout))
+    if len(records) != len(prompts) or any(r.token_ids is None for r in records):
+        raise UserError(f"{path}: expected the {len(prompts)} held-out prompts' samples with their token ids "
+                        f"(generate keep_token_ids=true); found {len(records)} rollouts")
+    return [[Sample(text, why, n, tuple(ids)) for text, why, n, ids in zip(
+        r.responses, r.finish_reasons, r.num_tokens, r.token_ids, strict=True)] for r in records]
 
 
 def _mean(xs) -> float:

@@ -12,14 +12,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.chat import encode_prompt
+from ..distributed import rank_and_world
 from ..errors import UserError
 from .sampling import Sample, SamplingConfig, stop_token_ids
 
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig,
-                progress: bool = True) -> list[list[Sample]]:
-    """``cfg.n`` samples for each prompt (a message list), in the order of ``prompts``."""
+                progress: bool = True, shard: bool = False) -> list[list[Sample]]:
+    """``cfg.n`` samples for each prompt (a message list), in the order of ``prompts``.
+
+    Every batch draws its own seed from ``cfg.seed`` in turn, so with ``shard`` (each rank of a
+    process group a whole copy of the model) batch b runs on rank ``b % world`` and every rank
+    returns all the samples: the same samples as one process."""
     model.eval()
     stops = stop_token_ids(model.generation_config, tokenizer) + cfg.stop_token_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -29,9 +34,12 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[list[Sample]] = [[] for _ in prompts]
     gen = torch.Generator().manual_seed(cfg.seed)
+    starts = range(0, len(order), cfg.batch_size)
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in starts]
+    rank, world = rank_and_world() if shard else (0, 1)
     device = next(model.parameters()).device
-    bar = tqdm(total=len(prompts) * cfg.n, desc="generate", disable=not progress, dynamic_ncols=True)
-    for b in range(0, len(order), cfg.batch_size):
+    bar = tqdm(total=len(prompts) * cfg.n, desc="generate", disable=not progress or rank != 0, dynamic_ncols=True)
+    for b, seed in list(zip(starts, seeds, strict=True))[rank::world]:
         idx = order[b : b + cfg.batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -39,7 +47,7 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[r, width - len(encoded[i]) :] = 1
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        torch.manual_seed(seed)
         greedy = cfg.temperature == 0  # n identical samples: decode once, repeat
         sampling = {"do_sample": False, "top_k": None, "top_p": None} if greedy else {
             "do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -55,8 +63,14 @@ def generate_hf(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig
         for r, row in enumerate(out.tolist()):
             sample = _sample(tokenizer, row, stops, cfg.max_new_tokens, pad, cfg.stop)
             results[idx[r // copies]].extend([sample] * (cfg.n // copies))
-        bar.update(len(idx) * cfg.n)
+        bar.update(min(world * len(idx) * cfg.n, bar.total - bar.n))
     bar.close()
+    if world > 1:  # each prompt was sampled on one rank: gather them all everywhere
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, results)
+        results = [next(part[i] for part in parts if part[i]) for i in range(len(prompts))]
     return results
 
 

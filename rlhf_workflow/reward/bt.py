@@ -170,9 +170,11 @@ def score(
     progress: bool = True,
     max_prompt_length: int | None = None,
     sort_by_length: bool = True,
+    shard: bool = False,
 ) -> list[float]:
     """Reward of each (prompt messages, response text), in the input order. No gradients;
-    the model's dtype decides the precision (see :func:`load_reward_model`)."""
+    the model's dtype decides the precision (see :func:`load_reward_model`). With ``shard`` the
+    batches are shared out over the ranks (each holding the model; a sharded model always is)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not isinstance(model, ImplicitReward):
@@ -184,7 +186,7 @@ def score(
         ]
         for p, r in zip(prompts, responses, strict=True)
     ]
-    return score_tokenized(model, seqs, pad_id(tokenizer), batch_size, progress, sort_by_length)
+    return score_tokenized(model, seqs, pad_id(tokenizer), batch_size, progress, sort_by_length, shard)
 
 
 def load_reward_model(spec: ModelConfig | str | Path, dtype: str = "fp32", device=None,

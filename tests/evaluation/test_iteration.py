@@ -45,3 +45,29 @@ def test_selection_gold_measures_the_winners_curse():
     assert got == pytest.approx({"chosen_gold": 0.9, "rejected_gold": 0.0, "best_gold": 1.0,
                                  "rollout_gold": (1 + 0 + 0.9) / 3})
     assert selection_gold(gold, []) == {}
+
+
+def test_the_evaluation_stage_on_two_ranks_gives_one_process_metrics(tiny_model, trained_rm, sandbox_data, tmp_path):
+    """``rlhf eval iteration`` on 2 ranks (each a copy of the policy, the reference and the
+    judge): the sampling (batch by batch, each with its own seed), the KL log-probs and the
+    judge's scoring are shared out, and metrics.json is the one-process file."""
+    import json
+    import subprocess
+    import sys
+
+    from rlhf_workflow.cli import main
+
+    args = ["eval", "iteration", "iteration=1", f"policy.path={tiny_model}", f"sft={tiny_model}",
+            f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}", "eval.limit=10", "eval.sampling.n=3",
+            "eval.sampling.max_new_tokens=8", "eval.sampling.batch_size=3", f"annotator.path={trained_rm}",
+            "annotator.batch_size=4", "seed=5"]
+    assert main([*args, f"out={tmp_path / 'one.json'}"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rlhf_workflow.cli", *args, f"out={tmp_path / 'two.json'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 process(es)" in done.stdout
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one.pop("processes") == 1 and two.pop("processes") == 2
+    assert two == one
+    assert one["gold_reward"] is not None and one["kl"] == 0.0 and one["eos_rate"] < 1  # policy == pi_0
