@@ -4,6 +4,9 @@ rank's share on several (FSDP2: built on the meta device, each rank reading its 
 
     python benchmarks/rank_memory.py MODEL_DIR OUT.json                         # one process
     torchrun --nproc_per_node 2 benchmarks/rank_memory.py MODEL_DIR OUT.json    # 2 ranks, sharded
+    python benchmarks/rank_memory.py MODEL_DIR OUT.json --shard                 # FSDP2 on one rank
+
+On a GPU each phase also reports its peak GPU memory (``*_gpu_mib``, allocated by PyTorch).
 
 A thread samples the process's private memory (resident, not file-backed: a memory-mapped
 checkpoint's pages are the node's shared page cache) every 2 ms; each phase reports its peak
@@ -20,7 +23,10 @@ import json
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from rlhf_workflow.config import ModelConfig, TrainConfig
 from rlhf_workflow.data.pairs import tokenize_pair
@@ -69,6 +75,20 @@ class Peak:
         return round((self.peak - self.before) / MIB, 1)
 
 
+@contextmanager
+def gpu_peak(into: dict, key: str):
+    """The peak GPU memory PyTorch allocated while the block runs, into ``into[key]`` (MiB)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    yield
+    torch.cuda.synchronize()
+    into[key] = round((torch.cuda.max_memory_allocated() - before) / MIB, 1)
+
+
 def pairs_of(tokenizer, n: int):
     prompts = [f"Please sort these numbers: {' '.join(str((7 * i + k) % 50) for k in range(8))}" for i in range(n)]
     return [tokenize_pair(tokenizer, PreferencePair(prompt=p, chosen="They are sorted now, thanks for asking.",
@@ -80,21 +100,24 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("out")
     ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--shard", action="store_true", help="FSDP2 even on one process")
     args = ap.parse_args()
-    rank, world, _ = setup(group_of_one=False)
-    sharded = world > 1
+    rank, world, device = setup(group_of_one=args.shard)
+    sharded = args.shard or world > 1
+    gpu: dict[str, float] = {}
     spec = ModelConfig(path=args.model)
     tok = load_tokenizer(spec)
     pairs = pairs_of(tok, args.pairs)
     result: dict = {"world": world, "rank": rank, "sharded": sharded}
     barrier()
-    with Peak() as load:  # what a training stage loads (FSDP2 on several ranks)
+    with Peak() as load, gpu_peak(gpu, "load_gpu_mib"):  # what a training stage loads (FSDP2 when sharded)
         model, _ = load_trainable(TrainConfig(strategy="fsdp" if sharded else "single"), spec)
+        model.to(device)
     result["params"] = sum(p.numel() for p in model.parameters())  # (a DTensor counts its whole)
     free(model)
     del model
     barrier()
-    with Peak() as ref:  # the reference pass: a frozen model, one no-grad pass over the pairs
+    with Peak() as ref, gpu_peak(gpu, "reference_gpu_mib"):  # a frozen model, one no-grad pass over the pairs
         model, _ = load_frozen(spec, sharded)
         plan = step_plan(TrainData([len(p) for p in pairs], collate=None), TrainConfig(
             global_batch_size=4 * world, micro_batch_size=4), world)
@@ -103,13 +126,13 @@ def main() -> None:
         del model
     barrier()
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}]] * 8
-    with Peak() as judge:  # the DPO implicit judge: policy and reference, scoring 8 responses
+    with Peak() as judge, gpu_peak(gpu, "judge_gpu_mib"):  # the DPO implicit judge (two models) scoring 8
         model, jtok = load_reward_model(spec, reference=args.model, shard=sharded)
         score(model, jtok, prompts, [f"Answer: {i}" for i in range(8)], batch_size=4, progress=False)
         free(model)
         del model
     result.update(load_mib=load.growth_mib, reference_mib=ref.growth_mib, judge_mib=judge.growth_mib,
-                  fp32_mib=round(4 * result["params"] / MIB, 1))
+                  fp32_mib=round(4 * result["params"] / MIB, 1), **gpu)
     out = Path(args.out)
     if rank:
         out = out.with_name(f"{out.stem}.rank{rank}{out.suffix}")

@@ -151,6 +151,14 @@ def _flags_to_overrides(args: list[str]) -> list[str]:
     return out
 
 
+def _leave_process_group() -> None:
+    """A rank that exits still in its process group can abort at interpreter shutdown: leave it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(_import(cmd.config), args.config, args.overrides)
         _import(cmd.run)(cfg)
+        _leave_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

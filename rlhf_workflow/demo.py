@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from .config import Config, ModelConfig, OptimConfig, TrainConfig, save_config
 from .data.readers import iter_rows
 from .demo_results import aggregate, annotator_agreement, claims, headline, mean_seconds, screen
-from .evaluation.iteration import evaluate_iteration
+from .evaluation.iteration import HeldOutConfig, evaluate_iteration
 from .evaluation.judges import PMEvalConfig, RMEvalConfig, run_pm_eval, run_rm_eval
 from .generation.sampling import SamplingConfig
 from .io import write_json, write_jsonl, write_text
@@ -40,7 +40,7 @@ from .models.tiny import InitModelConfig, init_model
 from .online.annotate import AnnotateConfig, AnnotatorConfig
 from .online.generate import GenerateConfig
 from .online.loop import SET as BY_LOOP
-from .online.loop import LoopConfig, LoopEvalConfig, PromptPoolConfig, run_loop
+from .online.loop import LoopConfig, PromptPoolConfig, run_loop
 from .online.pairs import SelectConfig
 from .report import ReportConfig, run_report
 from .reward.bt import PairDataConfig, RMConfig, RMDataConfig, run_rm_train
@@ -94,7 +94,7 @@ SANDBOX_LOOP = LoopConfig(
     annotate=AnnotateConfig(input=BY_LOOP, out=BY_LOOP, annotator=AnnotatorConfig(path=SET, dtype="fp32", max_length=256)),
     select=SelectConfig(strategy="max_min"),
     dpo=SANDBOX_DPO,
-    eval=LoopEvalConfig(prompts=SET, limit=0, sampling=SamplingConfig(n=4, temperature=1.0, max_new_tokens=48,
+    eval=HeldOutConfig(prompts=SET, limit=0, sampling=SamplingConfig(n=4, temperature=1.0, max_new_tokens=48,
                                                                           batch_size=100)),
 )
 

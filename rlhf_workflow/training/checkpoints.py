@@ -29,7 +29,7 @@ from .engine import Engine, setup_for
 RESUMABLE = ("train.progress", "train.log_every", "train.report_to", "train.save_every", "train.save_minutes",
              "train.keep_checkpoints", "train.resume", "train.timeout_minutes", "train.strategy",
              "train.micro_batch_size", "train.activation_checkpointing", "train.eval_every",
-             "eval_batch_size", "train.save_file_gib")
+             "eval_batch_size", "train.save_file_gib", "data.token_cache")
 
 
 def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:
@@ -68,8 +68,10 @@ def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:
 
 
 def _diff(old, new, prefix: str = "") -> list[tuple[str, object, object]]:
+    """The settings that differ; a key only one side has (a run started by another version of
+    the package, which had or lacked that setting) is not a difference."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in sorted(old.keys() | new.keys())
+        return [d for key in sorted(old.keys() & new.keys())
                 for d in _diff(old.get(key), new.get(key), f"{prefix}{key}.")]
     key = prefix.rstrip(".")
     return [] if old == new or key in RESUMABLE else [(key, old, new)]

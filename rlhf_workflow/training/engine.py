@@ -80,12 +80,12 @@ def load_trainable(cfg: TrainConfig, spec: ModelConfig, head: str = "causal_lm",
 def load_frozen(spec: ModelConfig, shard: bool, precision: str = "no", head: str = "causal_lm",
                 **kwargs) -> tuple[torch.nn.Module, list[str]]:
     """(a model for inference only, a reference or a judge, in eval mode on this process's
-    device; names of weights newly initialised). With ``shard`` and several ranks it is sharded
-    with FSDP2, no optimizer, each rank loading only its share (every rank must then run the
-    same forward passes: :func:`..distributed.run_batched`); otherwise each rank holds a whole
-    copy, the choice where it fits. ``precision="bf16"`` computes in bf16 under FSDP2."""
+    device; names of weights newly initialised). With ``shard`` and a process group it is sharded
+    over its ranks with FSDP2, no optimizer, each rank loading only its share (every rank must then
+    run the same forward passes: :func:`..distributed.run_batched`); otherwise each rank holds a
+    whole copy, the choice where it fits. ``precision="bf16"`` computes in bf16 under FSDP2."""
     rank, world, device = setup()
-    strategy = "fsdp" if shard and world > 1 else "single"
+    strategy = "fsdp" if shard and torch.distributed.is_initialized() else "single"
     model, missing = Engine(strategy, precision if strategy == "fsdp" else "no", rank, world, device).load(
         spec, head, **kwargs)
     return model.to(device).eval(), missing

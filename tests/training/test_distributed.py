@@ -242,6 +242,31 @@ def test_bf16_dpo_under_fsdp_starts_at_exactly_log2(tiny_model, sandbox_data, tm
     assert _metrics(out)[0] == pytest.approx(0.6931472, abs=1e-6) and _metrics(out, "rewards/margin")[0] == 0.0
 
 
+def test_dpo_on_two_nodes_equals_one_process(tiny_model, sandbox_data, tmp_path):
+    """Two nodes without a cluster: two torchrun agents on 127.0.0.1 (node ranks 0 and 1, one
+    process each, a static rendezvous as on two hosts) run DPO under FSDP2, each rank loading
+    its share; the reference pass, the losses and the weights are one process's."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_dpo(load_config(DPOConfig, None, _dpo_args(tiny_model, sandbox_data, one)))
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node",
+         "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "rlhf_workflow.cli", "dpo",
+         *_dpo_args(tiny_model, sandbox_data, two, "train.strategy=fsdp")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    logs = [a.communicate(timeout=600) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], logs[0][1][-2000:] + logs[1][1][-2000:]
+    assert _world(two) == 2 and "on 2 process(es)" in logs[0][0]
+    (c1,), (c2,) = (list(d.glob("ref_logps-*.safetensors")) for d in (one, two))
+    torch.testing.assert_close(load_file(c2)["logps"], load_file(c1)["logps"], atol=1e-5, rtol=1e-6)
+    assert _metrics(two) == pytest.approx(_metrics(one), rel=1e-5)
+    _assert_same_weights(two, one)
+
+
 def test_dpo_on_two_ranks_trains_every_pair_of_an_odd_count(tiny_model, sandbox_data, tmp_path):
     """9 pairs in micro-batches of 2: the last step has one micro-batch, which rank 0 trains on
     while rank 1 runs a zero-weight filler; the update is one process's."""

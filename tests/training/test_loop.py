@@ -59,6 +59,22 @@ def test_resume_under_changed_settings_is_refused_then_forced_or_restarted(tiny_
     assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_a_run_started_by_another_version_resumes_despite_added_or_removed_settings(tiny_model, sandbox_data,
+                                                                                       tmp_path, capsys):
+    """A setting the run's version did not have (added since), or had (removed since), is not a
+    changed setting: the run resumes under auto."""
+    common = ["train.max_steps=4", "train.save_every=2"]
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(_cfg(tiny_model, sandbox_data, tmp_path, *common), on_step=_crash_at(3))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["train"]["save_file_gib"]
+    saved["train"]["an_old_setting"] = 7
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    run_sft(_cfg(tiny_model, sandbox_data, tmp_path, *common))
+    assert "resuming at step 2" in capsys.readouterr().out
+
+
 def test_a_finished_run_is_not_trained_again(tiny_model, sandbox_data, tmp_path, capsys):
     cfg = _cfg(tiny_model, sandbox_data, tmp_path, "train.max_steps=2")
     run_sft(cfg)
