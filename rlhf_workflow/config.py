@@ -109,7 +109,8 @@ class TrainConfig(Config):
 
 
 class PairLimits(Config):
-    """Lengths of preference-pair data (DPO, reward and preference models), checked together."""
+    """Lengths of preference-pair data (DPO, reward and preference models), checked together,
+    and whether the tokenized pairs are cached."""
 
     max_length: int = Field(2048, ge=16, description="tokens of prompt + response, per sequence")
     max_prompt_length: int | None = Field(
@@ -117,6 +118,10 @@ class PairLimits(Config):
         "the room: responses are never cut)")
     on_long: Literal["skip", "error"] = Field(
         "skip", description="pair whose response cannot fit in max_length: skip and count, or fail")
+    token_cache: bool = Field(
+        True, description="tokenize once, sharded over the ranks, into a cache on disk ($RLHF_TOKEN_CACHE, "
+        "default ~/.cache/rlhf-workflow/tokens) that later runs and resumes read; false: every rank "
+        "tokenizes everything on every run")
 
     @model_validator(mode="after")
     def _room_for_a_response(self) -> PairLimits:

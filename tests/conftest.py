@@ -9,6 +9,20 @@ from rlhf_workflow.models.tiny import InitModelConfig, init_model, train_tokeniz
 from rlhf_workflow.sandbox import MakeDataConfig, corpus, make_data
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_token_cache(tmp_path_factory):
+    """The token cache of session- and module-scoped fixtures: a temporary folder, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLHF_TOKEN_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Each test its own empty token cache (torchrun runs inherit it)."""
+    monkeypatch.setenv("RLHF_TOKEN_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+
+
 @pytest.fixture(scope="session")
 def sandbox_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("sandbox-data")

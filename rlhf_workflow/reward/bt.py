@@ -27,7 +27,8 @@ from ..config import Config, ModelConfig, OptimConfig, PairLimits, TrainConfig
 from ..data.batching import attention_mask, collate_rows
 from ..data.chat import IGNORE, Tokenized
 from ..data.pairs import collate_pairs
-from ..data.readers import fmt_counts, read_pairs, split_held_out
+from ..data.readers import PairRow, fmt_counts, read_pairs, split_held_out
+from ..data.token_cache import PAIR_FIELDS, Lazy, TokenCache, pair_example, tokenize_cached
 from ..distributed import is_sharded, run_batched, to_device
 from ..errors import UserError
 from ..io import write_json
@@ -47,8 +48,8 @@ from .encoding import (
     PAD_TOKEN,
     check_pad,
     encode,
+    encode_training_pair,
     ensure_pad_token,
-    tokenize_pairs,
     uses_chat_template,
 )
 from .implicit import ImplicitReward, load_implicit_reward
@@ -241,20 +242,23 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
             f"rm: pad token set to {PAD_TOKEN!r} (id {tokenizer.pad_token_id}, distinct from EOS); "
             f"vocabulary {len(tokenizer)}"
         )
-    train_set, n_trunc, n_long = tokenize_pairs(tokenizer, rows, d)
-    test_set, n_trunc_test, n_long_test = tokenize_pairs(tokenizer, test_rows, d)
-    if not train_set:
+    train_cache = tokenize_rm_pairs(cfg, tokenizer, rows, "train")
+    test_cache = tokenize_rm_pairs(cfg, tokenizer, test_rows, "test") if test_rows else None
+    if not len(train_cache):
         raise UserError(f"{d.train}: no pair left to train on")
+    train_set = _with_rows(train_cache, rows)
+    test_set = _with_rows(test_cache, test_rows) if test_cache is not None else []
+    caches = [c for c in (train_cache, test_cache) if c is not None]
     stats = {
         "train_pairs": len(train_set),
         "held_out_pairs": len(test_set),
-        "truncated": n_trunc + n_trunc_test,
-        "skipped_long": n_long + n_long_test,
+        "truncated": sum(int(c.field("truncated").sum()) for c in caches),
+        "skipped_long": sum(c.skipped for c in caches),
         "skipped_invalid": dict(bad),
     }
     print(
         f"rm: {len(train_set)} training pairs, {len(test_set)} held out; truncated "
-        f"{stats['truncated']}, skipped {n_long + n_long_test} over-long"
+        f"{stats['truncated']}, skipped {stats['skipped_long']} over-long"
         + (f", skipped invalid: {fmt_counts(bad)}" if bad else "")
     )
 
@@ -274,7 +278,8 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
 
         return evaluate_bt(m, test_set, pad, cfg.eval_batch_size) if test_set else {}
 
-    data = TrainData([tok.shared_len() if shared else len(tok) for _, tok in train_set], collate)
+    sizes = train_cache.lengths().sum(1)  # tokens of a pair's two sequences: len(tok)
+    data = TrainData((sizes - train_cache.field("prefix") if shared else sizes).tolist(), collate)
 
     def finish(record: dict) -> None:
         result = {**stats, **{k[5:]: v for k, v in record.items() if k.startswith("eval/")}}
@@ -283,6 +288,31 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
     train(model, tokenizer, data, bt_objective, cfg.train, cfg.optim, run_config=cfg,
           evaluate=evaluate, on_step=on_step, finish=finish)
     return out / "model"
+
+
+def tokenize_rm_pairs(cfg: RMConfig, tokenizer, rows: list[PairRow], part: str) -> TokenCache:
+    """The training (``part="train"``) or held-out pairs of ``rows`` as the reward model reads
+    them (:func:`.encoding.encode_training_pair`), from the token cache or tokenized once into
+    it; field ``row`` is each pair's index in ``rows``."""
+    d = cfg.data
+    source = d.test if part == "test" and d.test else d.train
+    settings = {"part": part, "held_out": None if d.test else [d.eval_fraction, cfg.train.seed],
+                "max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "on_long": d.on_long,
+                "on_bad": d.on_bad, "margin_field": d.margin_field}
+
+    def encode(i: int, row: PairRow):
+        tok = encode_training_pair(tokenizer, row, d)
+        return None if tok is None else pair_example(tok, row=i)
+
+    return tokenize_cached("rm", (source, d.split), settings, tokenizer, rows, encode, (*PAIR_FIELDS, "row"),
+                           enabled=d.token_cache, progress=cfg.train.progress,
+                           noun="training pairs" if part == "train" else "held-out pairs")
+
+
+def _with_rows(cache: TokenCache, rows: list[PairRow]) -> Lazy:
+    """The cached pairs as :func:`.encoding.tokenize_pairs` gives them: [(row, tokenized)]."""
+    index = cache.field("row")
+    return Lazy(len(cache), lambda i: (rows[int(index[i])], cache.pair(i)))
 
 
 def write_eval(out: Path, result: dict, name: str, n_held_out: int) -> None:

@@ -139,13 +139,20 @@ def tokenize_pairs(
     ([(row, tokenized)], how many had their prompt cut, how many were skipped)."""
     out, truncated, skipped = [], 0, 0
     for row in tqdm(rows, desc="tokenize", disable=len(rows) < 5000, dynamic_ncols=True):
-        tok = encode_pair(tokenizer, row.pair, cfg.max_length, cfg.max_prompt_length)
+        tok = encode_training_pair(tokenizer, row, cfg)
         if tok is None:
-            if cfg.on_long == "error":
-                raise UserError(f"{row.where}: a response does not fit in data.max_length={cfg.max_length} "
-                                "tokens (responses are never cut; set data.on_long=skip to skip such pairs)")
             skipped += 1
             continue
         truncated += tok.truncated
         out.append((row, tok))
     return out, truncated, skipped
+
+
+def encode_training_pair(tokenizer, row: PairRow, cfg: PairLimits) -> TokenizedPair | None:
+    """One training pair (:func:`encode_pair`); None when it is too long to keep and
+    ``cfg.on_long`` skips it, a :class:`UserError` naming the row when it refuses it."""
+    tok = encode_pair(tokenizer, row.pair, cfg.max_length, cfg.max_prompt_length)
+    if tok is None and cfg.on_long == "error":
+        raise UserError(f"{row.where}: a response does not fit in data.max_length={cfg.max_length} "
+                        "tokens (responses are never cut; set data.on_long=skip to skip such pairs)")
+    return tok

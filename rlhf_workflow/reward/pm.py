@@ -28,6 +28,7 @@ from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.chat import encode_prompt, render
 from ..data.pairs import CHARS_PER_TOKEN
 from ..data.readers import PairRow, fmt_counts, read_pairs, split_held_out
+from ..data.token_cache import Lazy, TokenCache, tokenize_cached
 from ..distributed import is_sharded, run_batched, to_device
 from ..errors import UserError
 from ..models.loading import load_tokenizer, pad_id
@@ -248,9 +249,11 @@ def run_pm_train(cfg: PMConfig, on_step=None) -> Path:
     else:
         rows, test_rows = split_held_out(rows, d.eval_fraction, cfg.train.seed)
 
-    seqs, labels, n_trunc, n_long = build_comparisons(tokenizer, rows, d, cfg.train.seed, label_ids)
-    if not seqs:
+    cache = tokenize_comparisons(cfg, tokenizer, rows, label_ids)
+    if not len(cache):
         raise UserError(f"{d.train}: no pair left to train on")
+    seqs, labels = Lazy(len(cache), cache.input_ids), cache.field("label").tolist()
+    n_trunc, n_long = int(cache.field("truncated").sum()), cache.skipped
     print(
         f"pm: {len(seqs)} training comparisons ({sum(x == label_ids[0] for x in labels)} with "
         f"the chosen response as A), {len(test_rows)} held out; truncated {n_trunc}, skipped "
@@ -269,7 +272,7 @@ def run_pm_train(cfg: PMConfig, on_step=None) -> Path:
         return evaluate_pm(m, tokenizer, test_rows, d.max_length, cfg.eval_batch_size) if test_rows else {}
 
     model, _ = load_trainable(cfg.train, cfg.model)
-    data = TrainData([len(s) for s in seqs], collate)
+    data = TrainData(cache.lengths()[:, 0].tolist(), collate)
 
     def finish(record: dict) -> None:
         result = {"train_pairs": len(seqs), "held_out_pairs": len(test_rows), "truncated": n_trunc,
@@ -287,24 +290,55 @@ def build_comparisons(
 ) -> tuple[list[list[int]], list[int], int, int]:
     """(prompt ids, label id) per training pair, the chosen response shown first (label ``A``)
     or second (``B``) as a seeded coin decides; plus the truncated and skipped counts."""
-    rng = random.Random(f"{seed}/pm-positions")
     seqs, labels, n_trunc, n_long = [], [], 0, 0
-    for row in rows:
-        prompt, chosen, rejected = row.pair.conversations()
-        c, r = chosen[-1]["content"], rejected[-1]["content"]
-        chosen_first = rng.random() < 0.5
-        ids, truncated = encode_comparison(
-            tokenizer, prompt, *((c, r) if chosen_first else (r, c)), d.max_length, whole_responses=True
-        )
-        if ids is None and d.on_long == "error":
-            raise UserError(
-                f"{row.where}: the two responses do not fit in data.max_length={d.max_length} tokens "
-                "(responses are never cut; set data.on_long=skip to skip such pairs)"
-            )
-        if ids is None:
+    for row, first in zip(rows, chosen_first(len(rows), seed), strict=True):
+        got = encode_training_comparison(tokenizer, row, first, d, label_ids)
+        if got is None:
             n_long += 1
             continue
+        ids, label, truncated = got
         n_trunc += truncated
         seqs.append(ids)
-        labels.append(label_ids[0 if chosen_first else 1])
+        labels.append(label)
     return seqs, labels, n_trunc, n_long
+
+
+def chosen_first(n: int, seed: int) -> list[bool]:
+    """Per training pair, whether the chosen response is shown first: one seeded coin each."""
+    rng = random.Random(f"{seed}/pm-positions")
+    return [rng.random() < 0.5 for _ in range(n)]
+
+
+def encode_training_comparison(tokenizer, row: PairRow, first: bool, d: PairDataConfig,
+                               label_ids: tuple[int, int]) -> tuple[list[int], int, bool] | None:
+    """(prompt ids, label id, whether the context was cut) of one training pair, the chosen
+    response shown first if ``first``; None when the responses cannot fit and ``d.on_long``
+    skips it, a :class:`UserError` naming the row when it refuses it."""
+    prompt, chosen, rejected = row.pair.conversations()
+    c, r = chosen[-1]["content"], rejected[-1]["content"]
+    ids, truncated = encode_comparison(
+        tokenizer, prompt, *((c, r) if first else (r, c)), d.max_length, whole_responses=True
+    )
+    if ids is None and d.on_long == "error":
+        raise UserError(
+            f"{row.where}: the two responses do not fit in data.max_length={d.max_length} tokens "
+            "(responses are never cut; set data.on_long=skip to skip such pairs)"
+        )
+    return None if ids is None else (ids, label_ids[0 if first else 1], truncated)
+
+
+def tokenize_comparisons(cfg: PMConfig, tokenizer, rows: list[PairRow], label_ids: tuple[int, int]) -> TokenCache:
+    """The training comparisons of ``rows`` (:func:`build_comparisons`, with fields ``label``
+    and ``truncated``), from the token cache or tokenized once into it."""
+    d = cfg.data
+    firsts = chosen_first(len(rows), cfg.train.seed)
+    settings = {"part": "train", "held_out": None if d.test else [d.eval_fraction, cfg.train.seed],
+                "positions_seed": cfg.train.seed, "max_length": d.max_length, "on_long": d.on_long,
+                "on_bad": d.on_bad}
+
+    def encode(i: int, row: PairRow):
+        got = encode_training_comparison(tokenizer, row, firsts[i], d, label_ids)
+        return None if got is None else ((got[0],), {"label": got[1], "truncated": got[2]})
+
+    return tokenize_cached("pm", (d.train, d.split), settings, tokenizer, rows, encode, ("label", "truncated"),
+                           masks=False, enabled=d.token_cache, progress=cfg.train.progress, noun="comparisons")

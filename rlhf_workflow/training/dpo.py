@@ -7,7 +7,9 @@ response tokens, lr 5e-7, cosine, warmup 0.03, 2 epochs, global batch 128, max l
 How a step runs: the N pairs of a micro-batch go through the policy in one forward pass of
 N rows, each holding its prompt once and then the chosen and the rejected response, which a
 mask keeps from seeing each other (``data.share_prompt``; without it, or with flash
-attention, 2N padded rows). Batches are length-grouped to cut padding.
+attention, 2N padded rows). Batches are length-grouped to cut padding. The pairs are
+tokenized once, shared out over the ranks, into a cache on disk that later runs and resumes
+read (:mod:`..data.token_cache`).
 The reference log-probs are not computed during training at all: one no-grad pass before
 training over the very micro-batches of training's first epoch, each rank its own, in the
 precision training computes in, writes them to a cache file keyed by the reference model,
@@ -30,6 +32,7 @@ from ..data.chat import IGNORE
 from ..data.pairs import TokenizedPair, collate_pairs, per_response, tokenize_pair
 from ..data.readers import read_records
 from ..data.records import PreferencePair
+from ..data.token_cache import PAIR_FIELDS, TokenCache, pair_example, tokenize_cached
 from ..distributed import barrier
 from ..errors import UserError
 from ..faults import point
@@ -150,22 +153,14 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
         return out / "model"
     kind = cfg.loss.kind
     tokenizer = load_tokenizer(cfg.model)
-    records = read_records(cfg.data.train, PreferencePair, cfg.data.split, cfg.data.on_bad)
-    pairs, too_long = [], 0
-    for i, r in enumerate(records):
-        tok = tokenize_pair(tokenizer, r, cfg.data.max_length, cfg.data.max_prompt_length)
-        if tok is None and cfg.data.on_long == "error":
-            raise UserError(f"{cfg.data.train}, pair {i + 1}: a response does not fit in data.max_length="
-                            f"{cfg.data.max_length} tokens (responses are never cut; data.on_long=skip skips it)")
-        too_long += tok is None
-        if tok is not None:
-            pairs.append(tok)
+    cache = tokenize_dpo_pairs(cfg, tokenizer)
+    pairs = cache.pairs()
     if not pairs:
         raise UserError(f"{cfg.data.train}: no pair fits in data.max_length={cfg.data.max_length} tokens")
     shared = cfg.data.share_prompt and not (cfg.model.attn_implementation or "").startswith("flash")
-    print(f"dpo: {len(pairs)} pairs ({sum(p.truncated for p in pairs)} with the prompt cut, {too_long} skipped: "
-          f"a response longer than max_length {cfg.data.max_length}), loss {kind.value}, beta {cfg.loss.resolved_beta}, "
-          + ("one row per pair (prompt shared)" if shared else "two rows per pair"))
+    print(f"dpo: {len(pairs)} pairs ({int(cache.field('truncated').sum())} with the prompt cut, {cache.skipped} "
+          f"skipped: a response longer than max_length {cfg.data.max_length}), loss {kind.value}, beta "
+          f"{cfg.loss.resolved_beta}, " + ("one row per pair (prompt shared)" if shared else "two rows per pair"))
     pad = pad_id(tokenizer)
     ref = policy = None
 
@@ -176,9 +171,9 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
             batch["ref_logps"] = ref[idx]
         return batch
 
-    lengths = [p.shared_len() if shared else max(len(p.chosen.input_ids), len(p.rejected.input_ids))
-               for p in pairs]
-    data = TrainData(lengths, collate)
+    sizes = cache.lengths()  # (N, 2) tokens of each chosen and rejected sequence
+    lengths = sizes.sum(1) - cache.field("prefix") if shared else sizes.max(1)  # = p.shared_len() or the longer
+    data = TrainData(lengths.tolist(), collate)
     if kind.needs_reference:
         ref, policy = reference_logps(cfg, pairs, pad, out, shared, data)
     elif cfg.reference.path is not None:
@@ -186,6 +181,25 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     train(policy or _load_policy(cfg), tokenizer, data, dpo_objective(cfg.loss), cfg.train, cfg.optim,
           on_step=on_step, run_config=cfg)
     return out / "model"
+
+
+def tokenize_dpo_pairs(cfg: DPOConfig, tokenizer) -> TokenCache:
+    """The tokenized pairs of ``data.train``, from the token cache or tokenized once into it
+    (:mod:`..data.token_cache`); the records are read only when they must be tokenized."""
+    d = cfg.data
+
+    def encode(i: int, pair: PreferencePair):
+        tok = tokenize_pair(tokenizer, pair, d.max_length, d.max_prompt_length)
+        if tok is None and d.on_long == "error":
+            raise UserError(f"{d.train}, pair {i + 1}: a response does not fit in data.max_length="
+                            f"{d.max_length} tokens (responses are never cut; data.on_long=skip skips it)")
+        return None if tok is None else pair_example(tok)
+
+    settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length, "on_long": d.on_long,
+                "on_bad": d.on_bad}
+    return tokenize_cached("dpo", (d.train, d.split), settings, tokenizer,
+                           lambda: read_records(d.train, PreferencePair, d.split, d.on_bad), encode,
+                           PAIR_FIELDS, enabled=d.token_cache, progress=cfg.train.progress, noun="pairs")
 
 
 def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: Path, shared: bool,
