@@ -5,6 +5,7 @@ rank's share on several (FSDP2: built on the meta device, each rank reading its 
     python benchmarks/rank_memory.py MODEL_DIR OUT.json                         # one process
     torchrun --nproc_per_node 2 benchmarks/rank_memory.py MODEL_DIR OUT.json    # 2 ranks, sharded
     python benchmarks/rank_memory.py MODEL_DIR OUT.json --shard                 # FSDP2 on one rank
+    torchrun ... benchmarks/rank_memory.py MODEL_DIR OUT.json --strategy zero3  # loaded by ZeRO-3's zero.Init
 
 On a GPU each phase also reports its peak GPU memory (``*_gpu_mib``, allocated by PyTorch).
 
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--shard", action="store_true", help="FSDP2 even on one process")
+    ap.add_argument("--strategy", default="fsdp", choices=["fsdp", "zero3"],
+                    help="how a sharded training stage loads its model (zero3: deepspeed.zero.Init)")
     args = ap.parse_args()
     rank, world, device = setup(group_of_one=args.shard)
     sharded = args.shard or world > 1
@@ -108,12 +111,12 @@ def main() -> None:
     spec = ModelConfig(path=args.model)
     tok = load_tokenizer(spec)
     pairs = pairs_of(tok, args.pairs)
-    result: dict = {"world": world, "rank": rank, "sharded": sharded}
+    result: dict = {"world": world, "rank": rank, "sharded": sharded, "strategy": args.strategy if sharded else "single"}
     barrier()
     with Peak() as load, gpu_peak(gpu, "load_gpu_mib"):  # what a training stage loads (FSDP2 when sharded)
-        model, _ = load_trainable(TrainConfig(strategy="fsdp" if sharded else "single"), spec)
+        model, _ = load_trainable(TrainConfig(strategy=args.strategy if sharded else "single"), spec)
         model.to(device)
-    result["params"] = sum(p.numel() for p in model.parameters())  # (a DTensor counts its whole)
+    result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # (whole, sharded)
     free(model)
     del model
     barrier()

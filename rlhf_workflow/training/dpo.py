@@ -233,8 +233,10 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: P
         if rank == 0:
             print(f"dpo: reference {what}: log-probs read from {path}")
         return logps, None
-    reuse = not separate and load_dtype == cfg.model.dtype
-    sharded = world > 1 and (strategy == "fsdp" or (strategy == "zero3" and not reuse))
+    # the policy runs its own reference pass, unless training computes on other weights or ZeRO-3
+    # partitions the policy as it loads (its forward works only inside DeepSpeed's engine)
+    reuse = not separate and load_dtype == cfg.model.dtype and strategy != "zero3"
+    sharded = world > 1 and strategy in ("fsdp", "zero3")
     if rank == 0:
         print(f"dpo: reference {what}: computing log-probs of {len(pairs)} pairs once, on {world} "
               f"process(es)" + (", sharded (FSDP2)" if sharded else ""))

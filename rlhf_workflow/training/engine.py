@@ -154,8 +154,10 @@ class Engine:
         """(model, names of weights newly initialised). Under FSDP2 each rank builds the model on
         the meta device, shards it and reads only its own shards from the safetensors files
         (:mod:`..models.sharded`); otherwise, or for a checkpoint that cannot be read that way
-        (GGUF, a hub name, weight names the model does not use), the whole model is loaded.
-        ``prepare(model)`` runs before sharding (e.g. a new pad token's embedding row)."""
+        (GGUF, a hub name, weight names the model does not use), the whole model is loaded. Under
+        ZeRO-3 transformers builds the model inside ``deepspeed.zero.Init`` and loads the weights
+        into each rank's partition. ``prepare(model)`` runs before sharding (e.g. a new pad
+        token's embedding row)."""
         if self.strategy == "fsdp":
             loaded = load_sharded(spec, self._fully_shard, self.device, head, prepare, **kwargs)
             if loaded is not None:
@@ -163,11 +165,16 @@ class Engine:
             if self.is_main:
                 print(f"note: {spec.path} cannot be read shard by shard (not a local safetensors folder "
                       "with the model's weight names); every rank loads it whole first")
+        zero_init = None  # ZeRO-3: while it lives, transformers loads inside deepspeed.zero.Init
+        if self.strategy == "zero3":
+            zero_init = _deepspeed_module().HfDeepSpeedConfig({  # (what zero.Init reads; batches come later)
+                "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                "bf16": {"enabled": self.precision == "bf16"}})
         model, missing = load_with_info(spec, head, **kwargs)
         if prepare is not None:
             prepare(model)
+        del zero_init  # (later loads of frozen models are plain ones)
         return model, missing
-
 
     def wrap(self, model: torch.nn.Module, make_optimizer, micro_batch_size: int, accum: int,
              max_grad_norm: float, allow_low_precision: bool = False):
@@ -223,11 +230,7 @@ class Engine:
         return model
 
     def _deepspeed(self, model, make_optimizer, micro_batch_size, accum, max_grad_norm):
-        try:
-            import deepspeed
-        except ImportError:
-            raise UserError(f"train.strategy={self.strategy} needs the deepspeed extra: "
-                            "pip install 'rlhf-workflow[deepspeed]'") from None
+        deepspeed = _deepspeed_module().deepspeed
         config = deepspeed_config(self.strategy, self.precision, micro_batch_size, accum, self.world,
                                   max_grad_norm)
         optimizer = make_optimizer(model)
@@ -384,6 +387,19 @@ def unwrap_peft(model):
     return getattr(base, "model", model) if hasattr(model, "peft_config") else model
 
 
+def _deepspeed_module():
+    """``deepspeed`` and transformers' ``HfDeepSpeedConfig``, or one line saying how to get them."""
+    from types import SimpleNamespace
+
+    try:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+    except ImportError:
+        raise UserError("train.strategy=zero2/zero3 needs the deepspeed extra: pip install "
+                        "'rlhf-workflow[deepspeed]'") from None
+    return SimpleNamespace(deepspeed=deepspeed, HfDeepSpeedConfig=HfDeepSpeedConfig)
+
+
 def deepspeed_config(strategy: str, precision: str, micro: int, accum: int, world: int,
                      max_grad_norm: float) -> dict:
     """The DeepSpeed config of a ZeRO strategy; the batch numbers are the loop's own."""
@@ -426,6 +442,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if isinstance(cuda, list):  # (saved by an older version: one state per visible GPU)
-        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and cuda else None
+        own = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[own] if own < len(cuda) else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)

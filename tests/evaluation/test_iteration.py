@@ -71,3 +71,29 @@ def test_the_evaluation_stage_on_two_ranks_gives_one_process_metrics(tiny_model,
     assert one.pop("processes") == 1 and two.pop("processes") == 2
     assert two == one
     assert one["gold_reward"] is not None and one["kl"] == 0.0 and one["eos_rate"] < 1  # policy == pi_0
+
+
+def test_the_evaluation_of_samples_written_by_generate_equals_sampling_in_the_stage(tiny_model, trained_rm,
+                                                                                     sandbox_data, tmp_path):
+    """With the vLLM backend the loop samples the held-out prompts with ``rlhf generate``
+    (token ids kept) and the stage evaluates those samples. Shown here with the transformers
+    backend, where one chunk with the stage's seed gives the stage's own samples: same metrics."""
+    import json
+
+    from rlhf_workflow.cli import main
+    from rlhf_workflow.data.readers import read_records
+    from rlhf_workflow.data.records import Rollout
+
+    prompts = sandbox_data / "prompts_eval.jsonl"
+    sampling = ["sampling.n=3", "sampling.max_new_tokens=8", "sampling.batch_size=3", "sampling.seed=5"]
+    assert main(["generate", f"model.path={tiny_model}", f"input={prompts}", "limit=10", "keep_token_ids=true",
+                 f"out={tmp_path / 'samples.jsonl'}", *sampling]) == 0
+    (ro,) = read_records(tmp_path / "samples.jsonl", Rollout)[:1]
+    assert [len(ids) for ids in ro.token_ids] == ro.num_tokens
+    args = ["eval", "iteration", f"policy.path={tiny_model}", f"sft={tiny_model}", f"eval.prompts={prompts}",
+            "eval.limit=10", *(f"eval.{s}" for s in sampling[:3]), f"annotator.path={trained_rm}", "seed=5"]
+    assert main([*args, f"out={tmp_path / 'here.json'}"]) == 0
+    assert main([*args, f"rollouts={tmp_path / 'samples.jsonl'}", f"out={tmp_path / 'read.json'}"]) == 0
+    here, read = (json.loads((tmp_path / f).read_text()) for f in ("here.json", "read.json"))
+    assert read == here and here["mean_tokens"] > 1
+    assert main([*args, f"rollouts={tmp_path / 'here.json'}", f"out={tmp_path / 'x.json'}"]) == 2  # not rollouts
