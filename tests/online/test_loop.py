@@ -199,3 +199,24 @@ def test_stages_on_two_processes(launcher, full_run, loop_cfg, tmp_path):
             assert got == want
         else:  # (the 2-rank DPO weights differ from 1 rank's by float round-off: so may a sample)
             assert got.keys() == want.keys() and got["pairs"] == want["pairs"]
+
+
+def test_on_a_gpu_machine_every_stage_is_a_process_of_its_own(full_run, loop_cfg, tmp_path, monkeypatch):
+    """Where a GPU is visible the loop's own process holds none: even with processes=1 each stage
+    (generation, annotation, DPO, the evaluation) runs in a child process that returns all of
+    its memory when it ends, from the config file it wrote. Shown on the CPU by making the loop
+    believe it has a GPU: the files and the metrics are the in-process run's."""
+    from rlhf_workflow.online import loop as loop_module
+
+    monkeypatch.setattr(loop_module, "_has_gpu", lambda: True)
+    full, _ = full_run
+    out = tmp_path / "isolated"
+    run_loop(loop_cfg(out, "iterations=1"))
+    for f in ("generate.yaml", "annotate.yaml", "dpo.yaml", "eval.yaml"):
+        assert (out / "iter_1" / f).exists(), f  # what each child process read
+    for f in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
+        assert (out / "iter_1" / f).read_bytes() == (full / "iter_1" / f).read_bytes(), f
+    for t in (0, 1):
+        got, want = (json.loads((d / f"iter_{t}" / "metrics.json").read_text()) for d in (out, full))
+        assert got.pop("policy").replace(str(out), "") == want.pop("policy").replace(str(full), "")
+        assert got == want
