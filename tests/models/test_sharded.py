@@ -62,6 +62,8 @@ SCRIPT = textwrap.dedent('''
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         if rank == 0:  # (both ranks assert; one reports)
             print("checked", head, "tied" if tied else "untied", "new:", fresh, flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # (a rank exiting inside its group can abort at shutdown)
 ''')
 
 
