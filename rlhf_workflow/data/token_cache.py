@@ -183,6 +183,15 @@ class TokenCache:
         """The examples as :class:`TokenizedPair` s (built by :func:`pair_example`)."""
         return Lazy(len(self), self.pair)
 
+    def digest(self) -> str:
+        """A hash of every token id, loss mask and sequence boundary, read from the files in
+        place (what depends on the exact tokens, e.g. the DPO reference cache, keys on it)."""
+        h = hashlib.sha256()
+        for a in (self.ids, self.mask, self.offsets):
+            if a is not None:
+                h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        return h.hexdigest()
+
     def field(self, name: str) -> np.ndarray:
         return self.fields[name]
 

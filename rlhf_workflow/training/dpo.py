@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from ..config import Config, ModelConfig, OptimConfig, PairLimits, TrainConfig
 from ..data.chat import IGNORE
-from ..data.pairs import TokenizedPair, collate_pairs, per_response, tokenize_pair
+from ..data.pairs import collate_pairs, per_response, tokenize_pair
 from ..data.readers import read_records
 from ..data.records import PreferencePair
 from ..data.token_cache import PAIR_FIELDS, TokenCache, pair_example, tokenize_cached
@@ -175,7 +175,7 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     lengths = sizes.sum(1) - cache.field("prefix") if shared else sizes.max(1)  # = p.shared_len() or the longer
     data = TrainData(lengths.tolist(), collate)
     if kind.needs_reference:
-        ref, policy = reference_logps(cfg, pairs, pad, out, shared, data)
+        ref, policy = reference_logps(cfg, cache, pad, out, shared, data)
     elif cfg.reference.path is not None:
         print(f"dpo: loss {kind.value} is reference-free; reference {cfg.reference.path} is not used")
     train(policy or _load_policy(cfg), tokenizer, data, dpo_objective(cfg.loss), cfg.train, cfg.optim,
@@ -202,8 +202,7 @@ def tokenize_dpo_pairs(cfg: DPOConfig, tokenizer) -> TokenCache:
                            PAIR_FIELDS, enabled=d.token_cache, progress=cfg.train.progress, noun="pairs")
 
 
-def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: Path, shared: bool,
-                    data: TrainData):
+def reference_logps(cfg: DPOConfig, cache: TokenCache, pad: int, out: Path, shared: bool, data: TrainData):
     """(reference log-probs (N, 2), the policy if it was loaded for the pass, else None).
 
     Read from the cache, or computed once on the micro-batches of training's first epoch,
@@ -224,7 +223,8 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: P
     plan = step_plan(data, cfg.train, world)
     batching = f"{load_dtype}/autocast={autocast}/micro={plan.micro}x{plan.step_size}/seed={cfg.train.seed}/" \
                f"grouped={cfg.train.group_by_length}"  # the batches a pair is padded into
-    key = ref_cache.cache_key(ref_cache.model_identity(source), batching, pairs)
+    pairs = cache.pairs()
+    key = ref_cache.cache_key(ref_cache.model_identity(source), batching, cache.digest())
     path = ref_cache.cache_path(out, key)
     what = source + (" (the starting policy" + (", adapters disabled)" if cfg.lora.r else ")")
                      if not separate else "")
@@ -245,8 +245,7 @@ def reference_logps(cfg: DPOConfig, pairs: list[TokenizedPair], pad: int, out: P
     else:  # sharded like the policy under FSDP2 and ZeRO-3, so that it fits where the policy trains
         model, _ = load_frozen(cfg.model.model_copy(update={"path": source, "dtype": load_dtype}), sharded,
                                precision)
-    if model.get_input_embeddings().num_embeddings < max(
-            max(p.chosen.input_ids + p.rejected.input_ids) for p in pairs) + 1:
+    if model.get_input_embeddings().num_embeddings < int(cache.ids.max()) + 1:
         raise UserError(f"reference {source}: its vocabulary is smaller than the tokenizer's "
                         f"({cfg.model.tokenizer or cfg.model.path}); use a matching checkpoint")
     logps = ref_cache.compute_reference_logps(

@@ -42,14 +42,23 @@ def model_identity(path: str | Path) -> dict:
     }
 
 
-def cache_key(identity: dict, dtype: str, pairs: list[TokenizedPair]) -> str:
-    h = hashlib.sha256(json.dumps({"reference": identity, "dtype": dtype}, sort_keys=True).encode())
+def tokens_digest(pairs: list[TokenizedPair]) -> str:
+    """A hash of the exact token ids and loss masks of ``pairs`` (a token cache has its own:
+    :meth:`..data.token_cache.TokenCache.digest`)."""
+    h = hashlib.sha256()
     for p in pairs:
         for tok in (p.chosen, p.rejected):
             h.update(torch.tensor(tok.input_ids, dtype=torch.int64).numpy().tobytes())
             h.update(bytes(tok.loss_mask))
             h.update(b"|")
     return h.hexdigest()
+
+
+def cache_key(identity: dict, dtype: str, tokens: str) -> str:
+    """The key of a reference pass: the reference's identity, the dtype and batching of the pass,
+    and a digest of the pairs' tokens."""
+    blob = {"reference": identity, "dtype": dtype, "tokens": tokens}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, steps: list[tuple[list, int]],

@@ -140,20 +140,31 @@ def test_cached_reference_logps_equal_fresh_ones(tiny_model, sandbox_data, tmp_p
                 keep = targets != -100  # full-vocabulary log-softmax, gathered at response tokens
                 fresh = torch.log_softmax(logits[keep], -1).gather(-1, targets[keep][:, None]).sum()
                 assert batched[i, j].item() == pytest.approx(fresh.item(), abs=1e-4)
-    key = ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", pairs)
+    key = ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", ref_cache.tokens_digest(pairs))
     path = ref_cache.cache_path(tmp_path, key)
     ref_cache.save_cache(path, key, batched, str(tiny_model))
     assert torch.equal(ref_cache.load_cache(path, key, len(pairs)), batched)
     # another key (other data, dtype or reference) never reads this file
     assert ref_cache.load_cache(path, "other", len(pairs)) is None
-    assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", pairs[:-1]) != key
-    assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "bf16", pairs) != key
-    assert ref_cache.cache_key(ref_cache.model_identity(sandbox_data), "fp32", pairs) != key
+    tokens = ref_cache.tokens_digest(pairs)
+    assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", ref_cache.tokens_digest(pairs[:-1])) != key
+    assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "bf16", tokens) != key
+    assert ref_cache.cache_key(ref_cache.model_identity(sandbox_data), "fp32", tokens) != key
     # the bf16 pass is close to the fp32 one
     half = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, ref_cache.in_batches(24, 7), "bf16",
                                               progress=False)
     torch.testing.assert_close(half, batched, rtol=0.02, atol=0.5)
 
+
+
+def test_the_reference_key_follows_the_cached_tokens(tiny_model, sandbox_data, tmp_path):
+    """The reference cache is keyed by a digest of the token cache's arrays (read in place, no
+    pass over Python lists): the same tokens give the same digest, other tokens another."""
+    tok = load_tokenizer(ModelConfig(path=str(tiny_model)))
+    cfg = lambda n: _cfg(tiny_model, sandbox_data / "prefs_train.jsonl", tmp_path, f"data.max_length={n}")  # noqa: E731
+    a, again, short = (dpo_module.tokenize_dpo_pairs(cfg(n), tok) for n in (256, 256, 48))
+    assert a.digest() == again.digest() != short.digest()
+    assert any(p.truncated for p in short.pairs())  # (48 tokens cut prompts: other tokens)
 
 
 @pytest.mark.parametrize("max_length", [64, 256])  # 64: truncated pairs, prompts cut differently
