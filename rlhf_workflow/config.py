@@ -68,6 +68,11 @@ class TrainConfig(Config):
         8, ge=1, description="sequences (or pairs) per optimizer step over all processes; accumulation "
         "= global / (micro_batch_size x processes)")
     micro_batch_size: int = Field(8, ge=1, description="sequences (or pairs) per forward pass per process")
+    micro_batch_tokens: int = Field(
+        0, ge=0, description="DPO, reward and preference models: micro-batches by tokens, not by pairs; a "
+        "step's pairs are shared out over the processes balanced by tokens, and each process's share is cut "
+        "into micro-batches of at most this many tokens (shared-prompt pairs packed into one row); a step "
+        "holds the same pairs as without it (0 = micro_batch_size pairs per micro-batch)")
     seed: int = Field(42, description="seed for initialisation, data order and sampling")
     strategy: Literal["auto", "single", "ddp", "fsdp", "zero2", "zero3"] = Field(
         "auto", description="how processes share the work: auto (ddp on several processes), ddp, "

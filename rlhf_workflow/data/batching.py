@@ -81,7 +81,8 @@ def collate_rows(
 
     ``seq_ids`` numbers the sequences of a row from 1 (0 = padding); ``position_ids``
     restart at 0 for each packed sequence, so a packed row computes exactly what its
-    sequences would compute alone (given the block-diagonal mask of :func:`attention_mask`).
+    sequences would compute alone (given the block-diagonal mask of
+    :func:`..models.attention.attention_mask`).
     """
     lens = [sum(len(ids) for ids, _ in row) for row in rows]
     width = -(-max(lens) // pad_to_multiple) * pad_to_multiple
@@ -99,30 +100,22 @@ def collate_rows(
             seq_ids[r, t : t + n] = k
             position_ids[r, t : t + n] = torch.arange(n)
             t += n
+    start, at = target_positions(targets)
     return {
         "input_ids": input_ids,
         "targets": targets,
         "seq_ids": seq_ids,
         "position_ids": position_ids,
-        "packed": torch.tensor(any(len(row) > 1 for row in rows)),
+        "packed": any(len(row) > 1 for row in rows),
+        "target_start": start,
+        "target_at": at,
     }
 
 
-def attention_mask(
-    seq_ids: torch.Tensor, packed: bool, dtype: torch.dtype, branch: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A 2-D padding mask, or for packed rows a 4-D additive block-diagonal causal mask.
-
-    With ``branch`` (the shared-prompt layout of :func:`..pairs.collate_pairs`), a token of
-    branch b > 0 also sees, inside its sequence, only branch 0 (the shared prompt) and itself.
-    """
-    if not packed and branch is None:
-        return (seq_ids > 0).long()
-    t = seq_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seq_ids.device).tril()
-    same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, :, None] > 0)
-    if branch is not None:
-        same &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
-    allowed = (same & causal) | torch.eye(t, dtype=torch.bool, device=seq_ids.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+def target_positions(targets: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(the first column holding a target, the flat indices of the targets in the columns
+    from there on): computed on the host with the batch, so the forward needs no device sync."""
+    keep = targets != IGNORE
+    cols = keep.any(0).nonzero()
+    start = int(cols[0]) if len(cols) else 0
+    return start, keep[:, start:].flatten().nonzero()[:, 0]

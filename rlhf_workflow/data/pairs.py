@@ -115,36 +115,52 @@ def _cut_chars(messages: list[dict], max_length: int) -> list[dict]:
     return [m if len(m["content"]) <= limit else {**m, "content": m["content"][-limit:]} for m in messages]
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int, shared: bool = False) -> dict:
-    """A batch of N pairs: 2N rows (chosen first), or with ``shared`` N rows in the
-    shared-prompt layout, with ``branch`` (0 prompt, 1 chosen, 2 rejected) and ``ends``,
-    (N, 2), the last position of each response (where a reward head reads)."""
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, shared: bool = False,
+                  rows: list[int] | None = None) -> dict:
+    """A batch of N pairs: 2N rows (chosen first), or with ``shared`` the shared-prompt layout,
+    ``rows[r]`` consecutive pairs packed into row r (one pair a row by default), with
+    ``branch`` (0 prompt, 1 chosen, 2 rejected), ``ends``, (N, 2), the last position of each
+    response and ``pair_row``, (N,), its row (where a reward head reads), and ``slot``: the
+    response each token's target belongs to (n or N + n for pair n's chosen or rejected, 2N
+    for the prompt and padding)."""
+    n_pairs = len(pairs)
     if not shared:
-        rows = [[(p.chosen.input_ids, p.chosen.targets())] for p in pairs]
-        rows += [[(p.rejected.input_ids, p.rejected.targets())] for p in pairs]
-        batch = collate_rows(rows, pad_id)
+        seqs = [(p.chosen.input_ids, p.chosen.targets()) for p in pairs]
+        seqs += [(p.rejected.input_ids, p.rejected.targets()) for p in pairs]
+        batch = collate_rows([[s] for s in seqs], pad_id)
     else:
+        rows = rows or [1] * n_pairs
+        firsts = [sum(rows[:r]) for r in range(len(rows))]
         k = [p.shared_prefix for p in pairs]
-        batch = collate_rows([[(p.chosen.input_ids + p.rejected.input_ids[s:],
-                                p.chosen.targets() + p.rejected.targets()[s:])]
-                              for p, s in zip(pairs, k, strict=True)], pad_id)
-        branch, ends = torch.zeros_like(batch["seq_ids"]), []
-        for i, (p, s) in enumerate(zip(pairs, k, strict=True)):
-            c, r = len(p.chosen.input_ids), len(p.rejected.input_ids)
-            branch[i, s:c], branch[i, c : c + r - s] = 1, 2
-            batch["position_ids"][i, c : c + r - s] = torch.arange(s, r)
-            ends.append([c - 1, c + r - s - 1])
-        batch.update(branch=branch, ends=torch.tensor(ends), packed=torch.tensor(True))
-    batch["num_items"] = len(pairs)
+        segments = [(p.chosen.input_ids + p.rejected.input_ids[s:], p.chosen.targets() + p.rejected.targets()[s:])
+                    for p, s in zip(pairs, k, strict=True)]
+        batch = collate_rows([segments[f : f + m] for f, m in zip(firsts, rows, strict=True)], pad_id)
+        branch, slot = torch.zeros_like(batch["seq_ids"]), torch.full_like(batch["seq_ids"], 2 * n_pairs)
+        ends, pair_row = [], []
+        for r, (f, m) in enumerate(zip(firsts, rows, strict=True)):
+            t = 0  # where pair i starts in row r
+            for i in range(f, f + m):
+                p, s = pairs[i], k[i]
+                c, n = len(p.chosen.input_ids), len(p.rejected.input_ids) - s
+                branch[r, t + s : t + c], branch[r, t + c : t + c + n] = 1, 2
+                slot[r, t + s : t + c], slot[r, t + c : t + c + n] = i, n_pairs + i
+                batch["position_ids"][r, t + c : t + c + n] = torch.arange(s, s + n)
+                ends.append([t + c - 1, t + c + n - 1])
+                pair_row.append(r)
+                t += c + n
+        batch.update(branch=branch, slot=slot, ends=torch.tensor(ends), pair_row=torch.tensor(pair_row),
+                     packed=True)
+    batch["num_items"] = n_pairs
     batch["num_tokens"] = int((batch["seq_ids"] > 0).sum())
     return batch
 
 
 def per_response(values: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Sums of token values (B, T') over the last T' columns of ``batch``: per row, or in the
-    shared-prompt layout per response, the N chosen first: (2N,) for N pairs either way."""
-    branch = batch.get("branch")
-    if branch is None:
+    """Sums of token values (B, T') over the last T' columns of ``batch``, per response, the N
+    chosen first: (2N,) for N pairs in either layout (one response a row: the rows' sums)."""
+    slot = batch.get("slot")
+    if slot is None:
         return values.sum(-1)
-    branch = branch[:, branch.shape[1] - values.shape[1] :]
-    return torch.cat([(values * (branch == b)).sum(-1) for b in (1, 2)])
+    slot = slot[:, slot.shape[1] - values.shape[1] :]
+    n = batch["num_items"]
+    return values.new_zeros(2 * n + 1).scatter_add(0, slot.flatten(), values.flatten())[: 2 * n]

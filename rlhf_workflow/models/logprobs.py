@@ -21,39 +21,40 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..data.batching import attention_mask
 from ..data.chat import IGNORE
 from ..data.pairs import per_response
-from .loading import param_dtype
+from .attention import model_inputs
 
 CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
 
 
-def target_logps(model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+def target_logps(model, inputs: dict, targets: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(target_t | tokens before t) for the last ``targets.shape[1]`` positions of the
     rows of ``inputs`` (``input_ids``, ``attention_mask``, ``position_ids``), (B, K) fp32,
-    0 where the target is -100. Differentiable."""
+    0 where the target is -100. Differentiable. ``at``: the flat indices of the target positions
+    in ``targets``, found on the host when the batch was built (:func:`..data.batching.target_positions`),
+    so that the forward never waits on the device; found here when not given."""
     hidden = final_hidden(model, inputs, targets.shape[1])
-    keep = targets != IGNORE
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    if keep.any():
-        out = out.index_put((keep,), head_logps(model, hidden[keep], targets[keep]))
-    return out
+    flat = targets.flatten()
+    if at is None:
+        at = (flat != IGNORE).nonzero()[:, 0]
+    logps = head_logps(model, hidden.flatten(0, 1).index_select(0, at), flat.index_select(0, at))
+    out = torch.zeros(flat.shape, dtype=torch.float32, device=targets.device).index_put((at,), logps)
+    return out.view(targets.shape)
+
+
+def token_logps(model, batch: dict) -> torch.Tensor:
+    """Target log-probs of a batch from :func:`..data.batching.collate_rows` or
+    :func:`..data.pairs.collate_pairs`, (B, T - start): hidden states are kept only from the
+    first target column on, and the LM head runs only at target tokens."""
+    start = batch["target_start"]
+    return target_logps(model, model_inputs(model, batch), batch["targets"][:, start:], batch["target_at"])
 
 
 def response_logps(model, batch: dict) -> torch.Tensor:
     """Summed response log-probs of a padded batch: one per row, or per response in the
-    shared-prompt layout (chosen first), i.e. (2N,) for a batch of N pairs.
-
-    Hidden states are kept only from the first response position on, and the LM head runs
-    only at response tokens (:func:`..models.logprobs.target_logps`).
-    """
-    seq_ids, targets, branch = batch["seq_ids"], batch["targets"], batch.get("branch")
-    has_target = (targets != IGNORE).any(0)
-    start = int(has_target.nonzero()[0]) if has_target.any() else 0
-    mask = attention_mask(seq_ids, branch is not None, param_dtype(model), branch)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
-    return per_response(target_logps(model, inputs, targets[:, start:]), batch)
+    shared-prompt layout (chosen first), i.e. (2N,) for a batch of N pairs."""
+    return per_response(token_logps(model, batch), batch)
 
 
 def final_hidden(model, inputs: dict, keep: int) -> torch.Tensor:
@@ -91,6 +92,8 @@ def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
         return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
 
     grad = torch.is_grad_enabled() and hidden.requires_grad
+    if not len(hidden):  # no target here: nothing to compute, the graph kept whole
+        return hidden.sum(-1).float()
     parts = [checkpoint(logps, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
              if grad else logps(hidden[i : i + chunk], targets[i : i + chunk])
              for i in range(0, len(hidden), chunk)]

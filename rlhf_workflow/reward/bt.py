@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from ..config import Config, ModelConfig, OptimConfig, PairLimits, TrainConfig
-from ..data.batching import attention_mask, collate_rows
+from ..data.batching import collate_rows
 from ..data.chat import IGNORE, Tokenized
 from ..data.pairs import collate_pairs
 from ..data.readers import PairRow, fmt_counts, read_pairs, split_held_out
@@ -33,11 +33,11 @@ from ..distributed import is_sharded, run_batched, to_device
 from ..errors import UserError
 from ..io import write_json
 from ..losses import bt_loss
+from ..models.attention import model_inputs
 from ..models.loading import (
     load_tokenizer,
     load_with_info,
     pad_id,
-    param_dtype,
     unwrap,
     uses_flash_attention,
 )
@@ -106,10 +106,8 @@ def bt_rewards(model, batch: dict) -> torch.Tensor:
     (decoders, via the dedicated pad token) or ``[CLS]`` (encoders). In the shared-prompt
     layout, one reward per response, (2N,), the chosen first."""
     if "branch" in batch:
-        mask = attention_mask(batch["seq_ids"], True, param_dtype(model), batch["branch"])
-        hidden = model(input_ids=batch["input_ids"], attention_mask=mask,
-                       position_ids=batch["position_ids"], output_hidden_states=True).hidden_states[-1]
-        rows = torch.arange(len(hidden), device=hidden.device)
+        hidden = model(**model_inputs(model, batch), output_hidden_states=True).hidden_states[-1]
+        rows = batch["pair_row"]
         last = torch.cat([hidden[rows, batch["ends"][:, 0]], hidden[rows, batch["ends"][:, 1]]])
         return unwrap(model).score(last)[:, 0].float()
     extra = {}
@@ -267,8 +265,8 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
     print("rm: " + ("one row per pair, prompt shared" if shared else "two rows per pair"))
 
     def collate(batch_rows: list[list[int]]) -> dict:
-        items = [train_set[r[0]] for r in batch_rows]
-        batch = collate_pairs([tok for _, tok in items], pad, shared)
+        items = [train_set[i] for row in batch_rows for i in row]  # (by tokens: several pairs a row)
+        batch = collate_pairs([tok for _, tok in items], pad, shared, [len(row) for row in batch_rows])
         if d.margin_field:
             batch["margin"] = torch.tensor([row.margin for row, _ in items])
         return batch
@@ -279,7 +277,7 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
         return evaluate_bt(m, test_set, pad, cfg.eval_batch_size) if test_set else {}
 
     sizes = train_cache.lengths().sum(1)  # tokens of a pair's two sequences: len(tok)
-    data = TrainData((sizes - train_cache.field("prefix") if shared else sizes).tolist(), collate)
+    data = TrainData((sizes - train_cache.field("prefix") if shared else sizes).tolist(), collate, by_tokens=True)
 
     def finish(record: dict) -> None:
         result = {**stats, **{k[5:]: v for k, v in record.items() if k.startswith("eval/")}}

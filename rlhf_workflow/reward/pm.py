@@ -263,7 +263,7 @@ def run_pm_train(cfg: PMConfig, on_step=None) -> Path:
     pad = pad_id(tokenizer)
 
     def collate(batch_rows: list[list[int]]) -> dict:
-        idx = [r[0] for r in batch_rows]
+        idx = [i for row in batch_rows for i in row]  # (by tokens: a row each, left-padded, not packed)
         return collate_comparisons([seqs[i] for i in idx], pad, [labels[i] for i in idx])
 
     def evaluate(m) -> dict[str, float]:
@@ -272,7 +272,7 @@ def run_pm_train(cfg: PMConfig, on_step=None) -> Path:
         return evaluate_pm(m, tokenizer, test_rows, d.max_length, cfg.eval_batch_size) if test_rows else {}
 
     model, _ = load_trainable(cfg.train, cfg.model)
-    data = TrainData(cache.lengths()[:, 0].tolist(), collate)
+    data = TrainData(cache.lengths()[:, 0].tolist(), collate, by_tokens=True)
 
     def finish(record: dict) -> None:
         result = {"train_pairs": len(seqs), "held_out_pairs": len(test_rows), "truncated": n_trunc,

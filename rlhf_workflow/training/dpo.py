@@ -165,15 +165,15 @@ def run_dpo(cfg: DPOConfig, on_step=None) -> Path:
     ref = policy = None
 
     def collate(rows: list[list[int]]) -> dict:
-        idx = [row[0] for row in rows]
-        batch = collate_pairs([pairs[i] for i in idx], pad, shared)
+        idx = [i for row in rows for i in row]  # (by tokens: several pairs a row)
+        batch = collate_pairs([pairs[i] for i in idx], pad, shared, [len(row) for row in rows])
         if ref is not None:
             batch["ref_logps"] = ref[idx]
         return batch
 
     sizes = cache.lengths()  # (N, 2) tokens of each chosen and rejected sequence
     lengths = sizes.sum(1) - cache.field("prefix") if shared else sizes.max(1)  # = p.shared_len() or the longer
-    data = TrainData(lengths.tolist(), collate)
+    data = TrainData(lengths.tolist(), collate, by_tokens=True)
     if kind.needs_reference:
         ref, policy = reference_logps(cfg, cache, pad, out, shared, data)
     elif cfg.reference.path is not None:
@@ -207,7 +207,8 @@ def reference_logps(cfg: DPOConfig, cache: TokenCache, pad: int, out: Path, shar
 
     Read from the cache, or computed once on the micro-batches of training's first epoch,
     each rank its own, in the precision training computes in (so the first loss is exactly
-    log 2 when the reference is the starting policy, whatever the precision and batch size). The reference is ``reference.path``, or the starting policy
+    log 2 when the reference is the starting policy, whatever the precision and batch size).
+    The reference is ``reference.path``, or the starting policy
     (``reference`` None or the same folder as ``model.path``), which is then run by the
     policy itself before it trains (with LoRA: adapters disabled), so its weights are loaded
     once; unless training computes on bf16 copies of the weights (FSDP/ZeRO with bf16),
@@ -222,7 +223,7 @@ def reference_logps(cfg: DPOConfig, cache: TokenCache, pad: int, out: Path, shar
     load_dtype, autocast = inference_precision(strategy, precision, cfg.model.dtype)
     plan = step_plan(data, cfg.train, world)
     batching = f"{load_dtype}/autocast={autocast}/micro={plan.micro}x{plan.step_size}/seed={cfg.train.seed}/" \
-               f"grouped={cfg.train.group_by_length}"  # the batches a pair is padded into
+               f"grouped={cfg.train.group_by_length}/tokens={plan.tokens}x{world}"  # the batches a pair is in
     pairs = cache.pairs()
     key = ref_cache.cache_key(ref_cache.model_identity(source), batching, cache.digest())
     path = ref_cache.cache_path(out, key)

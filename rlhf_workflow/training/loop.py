@@ -69,6 +69,7 @@ class TrainData:
     lengths: list[int]
     collate: Callable[[list[list[int]]], dict]
     pack_length: int = 0
+    by_tokens: bool = False  # whether the stage takes micro-batches by tokens (train.micro_batch_tokens)
 
 
 # --------------------------------------------------------------------------- batch plan
@@ -97,11 +98,21 @@ class StepPlan:
     last round gets a *filler*: a copy of a micro-batch of the step, run at zero weight, so
     every rank runs the same number of forward passes and no item is dropped. Packing gives
     each epoch its own number of rows, so every epoch is counted.
+
+    With ``train.micro_batch_tokens``, a step's examples (the same as without it) are shared out
+    over the ranks balanced by tokens, and each rank cuts its share into micro-batches of at most
+    that many tokens, one row each (:func:`by_tokens`); a rank with fewer than the most gets
+    fillers.
     """
 
     def __init__(self, data: TrainData, cfg: TrainConfig, micro: int, accum: int, world: int):
-        self.data, self.cfg, self.micro, self.world = data, cfg, micro, world
-        self.step_size = accum * world
+        self.data, self.cfg, self.micro, self.accum, self.world = data, cfg, micro, accum, world
+        self.tokens = cfg.micro_batch_tokens
+        if self.tokens and not data.by_tokens:
+            raise UserError("train.micro_batch_tokens is for the pair stages (DPO, reward and preference "
+                            "models); SFT packs rows of data.max_length tokens")
+        # the epoch's plan: step_size micro-batches a step; by tokens, one entry holds a whole step
+        self._micro, self.step_size = (micro * accum * world, 1) if self.tokens else (micro, accum * world)
         full = math.floor(cfg.epochs)
         sizes = [len(self.plan(e)) for e in range(math.ceil(cfg.epochs))]
         counts = [math.ceil(n / self.step_size) for n in sizes]
@@ -114,7 +125,7 @@ class StepPlan:
         self._cached: tuple[int, list] | None = None
 
     def plan(self, epoch: int) -> list:
-        return plan_batches(self.data.lengths, self.micro, self.step_size, self.cfg.seed, epoch,
+        return plan_batches(self.data.lengths, self._micro, self.step_size, self.cfg.seed, epoch,
                             self.cfg.group_by_length, self.data.pack_length)
 
     def micro_batches(self, step: int, rank: int) -> tuple[float, list, int]:
@@ -132,6 +143,12 @@ class StepPlan:
 
     def _dealt(self, batches: list, rank: int) -> tuple[list, int]:
         """(this rank's micro-batches of a step, fillers last; how many are real)."""
+        if self.tokens:
+            shares = by_tokens([i for mb in batches for row in mb for i in row], self.data.lengths, self.tokens,
+                               self.world)
+            rounds = max(len(share) for share in shares)
+            mine = shares[rank] or [shares[0][-1]]  # (a rank with no example at all repeats one at zero weight)
+            return mine + [mine[-1]] * (rounds - len(mine)), len(shares[rank])
         mine = [batches[i] for i in deal(len(batches), self.world)[rank]]
         rounds = math.ceil(len(batches) / self.world)
         return mine + [batches[-1]] * (rounds - len(mine)), len(mine)
@@ -146,7 +163,38 @@ class StepPlan:
 
 def step_plan(data: TrainData, cfg: TrainConfig, world: int) -> StepPlan:
     """The plan :func:`train` follows on ``world`` ranks."""
-    return StepPlan(data, cfg, *batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world), world)
+    micro = cfg.global_batch_size // world if cfg.micro_batch_tokens else cfg.micro_batch_size
+    return StepPlan(data, cfg, *batch_sizes(cfg.global_batch_size, micro, world), world)
+
+
+def by_tokens(items: list[int], lengths: list[int], budget: int, world: int) -> list[list[list[list[int]]]]:
+    """Each rank's micro-batches (each one row of examples) for one step's ``items``.
+
+    The examples go longest first to the rank with the fewest tokens so far (ties: the lowest
+    rank), so the ranks' shares differ by at most one example's length; each share is then
+    packed first-fit, longest first, into micro-batches of at most ``budget`` tokens (an
+    example longer than that alone). Depends on the items and lengths only."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    ordered = sorted(items, key=lambda i: (-lengths[i], i))
+    for i in ordered:
+        r = min(range(world), key=lambda k: (load[k], k))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    out = []
+    for share in shares:
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in share:
+            j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+            if j is None:
+                rows.append([i])
+                room.append(budget - lengths[i])
+            else:
+                rows[j].append(i)
+                room[j] -= lengths[i]
+        out.append([[row] for row in rows])
+    return out
 
 
 def deal(n: int, world: int) -> list[list[int]]:
@@ -185,7 +233,7 @@ def train(
         raise UserError("train.on_nonfinite=skip is not available with DeepSpeed (it steps inside its engine)")
     set_seed(cfg.seed)
     plan = step_plan(data, cfg, world)
-    micro, accum, total = plan.micro, plan.step_size // world, plan.total
+    micro, accum, total = plan.micro, plan.accum, plan.total
     warmup = math.ceil(optim.warmup_ratio * total)
     if cfg.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20
@@ -207,13 +255,16 @@ def train(
     )
     layout = {"strategy": eng.strategy, "precision": "bf16 compute, fp32 weights" if eng.precision == "bf16"
               else eng.precision if eng.precision != "no" else "fp32", "processes": world,
-              "global_batch_size": cfg.global_batch_size, "micro_batch_size": micro, "grad_accum": accum,
-              "optimizer_steps": total, "warmup_steps": warmup}
+              "global_batch_size": cfg.global_batch_size, "optimizer_steps": total, "warmup_steps": warmup,
+              **({"micro_batch_tokens": plan.tokens} if plan.tokens else {"micro_batch_size": micro,
+                                                                          "grad_accum": accum})}
+    split = (f"{world} share(s) balanced by tokens, in micro-batches of <= {plan.tokens} tokens" if plan.tokens
+             else f"{micro} x {accum} accumulation x {world}")
     start = resume(eng, out, scheduler)
     if eng.is_main:
         write_json(out / "train_plan.json", layout)
         print(f"train {out.name}: {eng.strategy} on {world} process(es), {layout['precision']}; global "
-              f"batch {cfg.global_batch_size} = {micro} x {accum} accumulation x {world}; {total} optimizer "
+              f"batch {cfg.global_batch_size} = {split}; {total} optimizer "
               f"steps, {warmup} warmup; " + (f"resuming at step {start}" if start else "starting fresh"))
         if total < 10 and not cfg.max_steps:
             print(f"warning: only {total} optimizer step(s): with {len(data.lengths)} examples and a global "

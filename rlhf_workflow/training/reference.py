@@ -42,18 +42,6 @@ def model_identity(path: str | Path) -> dict:
     }
 
 
-def tokens_digest(pairs: list[TokenizedPair]) -> str:
-    """A hash of the exact token ids and loss masks of ``pairs`` (a token cache has its own:
-    :meth:`..data.token_cache.TokenCache.digest`)."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for tok in (p.chosen, p.rejected):
-            h.update(torch.tensor(tok.input_ids, dtype=torch.int64).numpy().tobytes())
-            h.update(bytes(tok.loss_mask))
-            h.update(b"|")
-    return h.hexdigest()
-
-
 def cache_key(identity: dict, dtype: str, tokens: str) -> str:
     """The key of a reference pass: the reference's identity, the dtype and batching of the pass,
     and a digest of the pairs' tokens."""
@@ -86,8 +74,9 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, step
     with torch.no_grad(), adapters_off, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for batches, real in bar:
             for k, rows in enumerate(batches):
-                idx = [row[0] for row in rows]
-                batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, shared), device)
+                idx = [i for row in rows for i in row]
+                batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, shared, [len(r) for r in rows]),
+                                  device)
                 logps = torch.stack(response_logps(model, batch).chunk(2), dim=1).float()
                 if k < real:
                     out[idx] = logps

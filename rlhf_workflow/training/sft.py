@@ -15,14 +15,14 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig
-from ..data.batching import attention_mask, collate_rows
+from ..data.batching import collate_rows
 from ..data.chat import IGNORE, Tokenized, tokenize_conversation
 from ..data.readers import read_records
 from ..data.records import SFTExample
 from ..data.token_cache import Lazy, TokenCache, tokenize_cached
 from ..errors import UserError
-from ..models.loading import load_tokenizer, pad_id, param_dtype, uses_flash_attention
-from ..models.logprobs import target_logps
+from ..models.loading import load_tokenizer, pad_id
+from ..models.logprobs import token_logps
 from .checkpoints import start_run
 from .engine import load_trainable
 from .loop import StepOutput, TrainData, train
@@ -81,12 +81,7 @@ def tokenize_cached_sft(cfg: SFTConfig, tokenizer) -> TokenCache:
 
 
 def sft_objective(model, batch: dict) -> StepOutput:
-    packed = bool(batch["packed"])
-    mask = None if packed and uses_flash_attention(model) else attention_mask(
-        batch["seq_ids"], packed, param_dtype(model)
-    )
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
-    return StepOutput(-target_logps(model, inputs, batch["targets"]).sum(), {})
+    return StepOutput(-token_logps(model, batch).sum(), {})
 
 
 def run_sft(cfg: SFTConfig, on_step=None) -> Path:

@@ -1,6 +1,7 @@
 import torch
 
-from rlhf_workflow.data.batching import attention_mask, collate_rows, plan_batches
+from rlhf_workflow.data.batching import collate_rows, plan_batches
+from rlhf_workflow.models.attention import attention_mask
 
 
 def _flatten(plan):
@@ -47,7 +48,15 @@ def test_collate_positions_restart_and_block_diagonal_mask():
     assert b["input_ids"].shape == (2, 8)
     assert b["position_ids"][0, :5].tolist() == [0, 1, 2, 0, 1]
     assert b["seq_ids"][0].tolist() == [1, 1, 1, 2, 2, 0, 0, 0]
-    m = attention_mask(b["seq_ids"], True, torch.float32)[0, 0] == 0
+    m = attention_mask(b, "sdpa", torch.float32)[0, 0]
     assert m[3, :3].tolist() == [False, False, False]  # sequence 2 cannot see sequence 1
     assert m[4, 3] and m[2, 0] and not m[0, 1]  # causal within a sequence
-    assert attention_mask(b["seq_ids"], False, torch.float32).tolist()[1] == [1] + [0] * 7
+    assert m[6].tolist() == [False] * 6 + [True, False]  # padding sees itself only (no empty softmax row)
+    eager = attention_mask(b, "eager", torch.bfloat16)  # the additive form: 0 where seen, the dtype's min elsewhere
+    assert eager.dtype == torch.bfloat16 and torch.equal(eager == 0, attention_mask(b, "sdpa", torch.float32))
+    assert (eager[eager != 0] == torch.finfo(torch.bfloat16).min).all()
+    assert attention_mask(b, "flash_attention_2", torch.float32) is None  # the positions carry the sequences
+    # targets: from the first column holding one, flat indices into the rest
+    assert b["target_start"] == 0 and b["target_at"].tolist() == [0, 1, 3]
+    alone = collate_rows([[([1, 2, 3], [2, 3, -100])]], pad_id=0, pad_to_multiple=1)
+    assert attention_mask(alone, "sdpa", torch.float32).tolist() == [[1, 1, 1]]  # one sequence: padding only

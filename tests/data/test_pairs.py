@@ -2,10 +2,10 @@
 
 import torch
 
-from rlhf_workflow.data.batching import attention_mask
 from rlhf_workflow.data.chat import IGNORE
 from rlhf_workflow.data.pairs import collate_pairs, per_response, tokenize_pair
 from rlhf_workflow.data.records import PreferencePair
+from rlhf_workflow.models.attention import attention_mask
 
 
 def _pair(tokenizer, chosen, rejected, max_length=256, prompt="What is 12 + 30?", max_prompt_length=None):
@@ -69,7 +69,7 @@ def test_a_tight_max_length_cuts_the_prompt_alike_for_both_responses_never_a_res
 def test_branch_mask_hides_the_chosen_response_from_the_rejected_one(tokenizer):
     p = _pair(tokenizer, "Answer: 42", "Answer: 7")
     b = collate_pairs([p], tokenizer.pad_token_id, shared=True)
-    sees = attention_mask(b["seq_ids"], True, torch.float32, b["branch"])[0, 0] == 0
+    sees = attention_mask(b, "sdpa", torch.float32)[0, 0]
     branch = b["branch"][0]
     k, c = p.shared_prefix, len(p.chosen.input_ids)
     rejected, chosen = (branch == 2).nonzero()[:, 0], (branch == 1).nonzero()[:, 0]
@@ -80,10 +80,34 @@ def test_branch_mask_hides_the_chosen_response_from_the_rejected_one(tokenizer):
         assert sees[q, : q + 1].all() and not sees[q, q + 1 :].any()
 
 
-def test_per_response_sums_rows_or_branches():
+def test_per_response_sums_rows_or_slots():
     values = torch.arange(12.0).reshape(2, 6)
     assert per_response(values, {}).tolist() == [15.0, 51.0]
-    branch = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 0]])
-    assert per_response(values, {"branch": branch}).tolist() == [5.0, 8.0, 9.0, 19.0]
+    # two pairs in row 0 (pair 0: columns 0-3, pair 1: 4-5), pair 2 in row 1; slot 6 = nobody's
+    slot = torch.tensor([[0, 0, 3, 3, 1, 4], [6, 2, 5, 5, 6, 6]])
+    assert per_response(values, {"slot": slot, "num_items": 3}).tolist() == [1.0, 4.0, 7.0, 5.0, 5.0, 17.0]
     # values of the last columns only (logits kept from the first response position on)
-    assert per_response(values[:, 2:], {"branch": branch}).tolist() == [5.0, 8.0, 9.0, 19.0]
+    assert per_response(values[:, 2:], {"slot": slot, "num_items": 3}).tolist() == [0.0, 4.0, 0.0, 5.0, 5.0, 17.0]
+
+
+def test_pairs_packed_into_one_row_compute_what_each_computes_alone(tokenizer):
+    """Three pairs in one row: each its own sequence ids, positions, branches, response slots and
+    ends, equal to the pair's own row in the one-pair-a-row layout."""
+    pairs = [_pair(tokenizer, "Answer: 42, since 12 + 30 = 42.", "Answer: 41"),
+             _pair(tokenizer, "42", "I do not know."), _pair(tokenizer, "yes", "no", prompt="Is it?")]
+    alone = collate_pairs(pairs, tokenizer.pad_token_id, shared=True)
+    packed = collate_pairs(pairs, tokenizer.pad_token_id, shared=True, rows=[3])
+    assert packed["input_ids"].shape[0] == 1 and packed["pair_row"].tolist() == [0, 0, 0]
+    t = 0
+    for i, p in enumerate(pairs):
+        n = p.shared_len()
+        for key in ("input_ids", "targets", "position_ids", "branch"):
+            assert packed[key][0, t : t + n].tolist() == alone[key][i, :n].tolist(), key
+        assert (packed["seq_ids"][0, t : t + n] == i + 1).all()
+        assert packed["ends"][i].tolist() == (alone["ends"][i] + t).tolist()
+        assert packed["slot"][0, t : t + n].tolist() == alone["slot"][i, :n].tolist()
+        t += n
+    values = torch.randn(packed["targets"].shape)
+    seq, branch = packed["seq_ids"][0], packed["branch"][0]
+    by_hand = [values[0][(seq == i + 1) & (branch == b)].sum() for b in (1, 2) for i in range(3)]
+    torch.testing.assert_close(per_response(values, packed), torch.stack(by_hand))

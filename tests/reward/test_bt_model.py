@@ -215,18 +215,19 @@ def test_shared_prompt_layout_gives_the_same_rewards_and_gradients(trained_rm, s
                             tok.pad_token_id)
     model.train()
     grads, outs = [], []
-    for layout in (False, True):
+    for layout, rows in ((False, None), (True, None), (True, [5, 7])):  # (last: pairs packed into 2 rows)
         model.zero_grad()
-        batch = collate_pairs(pairs, tok.pad_token_id, layout)
+        batch = collate_pairs(pairs, tok.pad_token_id, layout, rows)
         torch.testing.assert_close(bt_rewards(model, batch).tolist(), alone, atol=1e-5, rtol=1e-5)
         out = bt_objective(model, batch)
         out.loss_sum.backward()
         outs.append(out)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(outs[1].loss_sum, outs[0].loss_sum, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[1].metric_sums, outs[0].metric_sums, atol=1e-4, rtol=1e-5)
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+    for other, other_grads in zip(outs[1:], grads[1:], strict=True):
+        torch.testing.assert_close(other.loss_sum, outs[0].loss_sum, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.metric_sums, outs[0].metric_sums, atol=1e-4, rtol=1e-5)
+        for name in grads[0]:
+            torch.testing.assert_close(other_grads[name], grads[0][name], atol=1e-5, rtol=1e-4)
 
 
 def test_bf16_scores_close_to_fp32(trained_rm):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_workflow.cli import main
@@ -151,3 +152,27 @@ def test_rm_eval_reports_rewardbench_sections(trained_rm, tmp_path, capsys):
     assert result["kind"] == "rewardbench" and result["complete"]
     assert set(result["sections"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"}
     assert "Chat Hard" in out
+
+
+@pytest.mark.parametrize("kind", ["rm", "pm"])
+def test_micro_batches_by_tokens_train_as_by_pairs(kind, judge_cfg, tmp_path):
+    """The same pairs a step, in micro-batches of at most 600 tokens (the BT model's shared-prompt
+    pairs packed several to a row, the PM's comparisons a row each): the same losses and model."""
+    from safetensors.torch import load_file
+
+    from rlhf_workflow.reward.bt import run_rm_train
+    from rlhf_workflow.reward.pm import run_pm_train
+
+    run = run_rm_train if kind == "rm" else run_pm_train
+    common = ("train.max_steps=3", "train.log_every=1", "train.micro_batch_size=4")
+    a = run(judge_cfg(kind, tmp_path / "pairs", *common))
+    b = run(judge_cfg(kind, tmp_path / "tokens", *common, "train.micro_batch_tokens=600"))
+    assert json.loads((tmp_path / "tokens" / "train_plan.json").read_text())["micro_batch_tokens"] == 600
+    assert _losses(tmp_path / "tokens") == pytest.approx(_losses(tmp_path / "pairs"), rel=1e-5)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-5)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

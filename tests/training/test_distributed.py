@@ -95,6 +95,34 @@ def test_every_item_is_trained_on_and_every_rank_runs_as_many_micro_batches():
         assert sorted(seen[e]) == sorted(tuple(map(tuple, mb)) for mb in plan.plan(e))
 
 
+def test_micro_batches_by_tokens_hold_a_steps_pairs_balanced_over_the_ranks():
+    """By tokens, a step's examples are the by-pairs plan's, shared out over the ranks within one
+    example's length of each other, in micro-batches of at most the budget (one example alone
+    when longer); every rank runs as many micro-batches."""
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 300) for _ in range(203)]
+    data = TrainData(lengths, collate=lambda rows: {}, by_tokens=True)
+    cfg = TrainConfig(epochs=2, global_batch_size=24, micro_batch_size=4, seed=5)
+    by_pairs = StepPlan(data, cfg, *batch_sizes(24, 4, 3), world=3)
+    by_tokens = StepPlan(data, cfg.model_copy(update={"micro_batch_tokens": 256}), *batch_sizes(24, 24, 3), world=3)
+    assert by_tokens.total == by_pairs.total == 2 * 9
+    for step in range(by_tokens.total):
+        shares = [by_tokens.micro_batches(step, r) for r in range(3)]
+        assert len({len(m) for _, m, _ in shares}) == 1
+        real = [[row for mb in m[:n] for row in mb] for _, m, n in shares]
+        assert all(len(mb) == 1 for _, m, _ in shares for mb in m)  # one row a micro-batch
+        assert all(sum(lengths[i] for i in row) <= 256 or len(row) == 1 for rows in real for row in rows)
+        mine = sorted(i for rows in real for row in rows for i in row)
+        theirs = sorted(i for _, m, n in (by_pairs.micro_batches(step, r) for r in range(3))
+                        for mb in m[:n] for row in mb for i in row)
+        assert mine == theirs and len(set(mine)) == len(mine)
+        load = [sum(lengths[i] for row in rows for i in row) for rows in real]
+        assert max(load) - min(load) <= max(lengths[i] for i in mine)
+    with pytest.raises(UserError, match="micro_batch_tokens is for the pair stages"):
+        StepPlan(TrainData(lengths, collate=lambda rows: {}), cfg.model_copy(update={"micro_batch_tokens": 256}),
+                 *batch_sizes(24, 24, 3), world=3)
+
+
 def test_micro_batches_are_dealt_up_and_down_the_ranks():
     """Rounds alternate direction, so rank 0 does not take the longest of every round."""
     from rlhf_workflow.training.loop import deal
@@ -199,10 +227,12 @@ def _dpo_args(tiny_model, sandbox_data, out, *extra):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
 def test_dpo_and_its_reference_pass_on_two_ranks_equal_one(strategy, tiny_model, sandbox_data, tmp_path):
+    """(DDP: by tokens, 2 ranks with several pairs packed into a row against 1 process by pairs.)"""
     _needs(strategy)
     one, two = tmp_path / "one", tmp_path / strategy
     run_dpo(load_config(DPOConfig, None, _dpo_args(tiny_model, sandbox_data, one)))
-    log = torchrun(["dpo"], _dpo_args(tiny_model, sandbox_data, two, f"train.strategy={strategy}"))
+    tokens = ["train.micro_batch_tokens=400"] if strategy == "ddp" else []
+    log = torchrun(["dpo"], _dpo_args(tiny_model, sandbox_data, two, f"train.strategy={strategy}", *tokens))
     assert f"computing log-probs of 400 pairs once, on {WORLD} process(es)" in log
     assert _world(two) == WORLD
     (c1,), (c2,) = (list(d.glob("ref_logps-*.safetensors")) for d in (one, two))

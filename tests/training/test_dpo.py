@@ -140,21 +140,20 @@ def test_cached_reference_logps_equal_fresh_ones(tiny_model, sandbox_data, tmp_p
                 keep = targets != -100  # full-vocabulary log-softmax, gathered at response tokens
                 fresh = torch.log_softmax(logits[keep], -1).gather(-1, targets[keep][:, None]).sum()
                 assert batched[i, j].item() == pytest.approx(fresh.item(), abs=1e-4)
-    key = ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", ref_cache.tokens_digest(pairs))
+    key = ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", "tokens")
     path = ref_cache.cache_path(tmp_path, key)
     ref_cache.save_cache(path, key, batched, str(tiny_model))
     assert torch.equal(ref_cache.load_cache(path, key, len(pairs)), batched)
     # another key (other data, dtype or reference) never reads this file
     assert ref_cache.load_cache(path, "other", len(pairs)) is None
-    tokens = ref_cache.tokens_digest(pairs)
-    assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", ref_cache.tokens_digest(pairs[:-1])) != key
+    tokens = "tokens"
+    assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "fp32", "other tokens") != key
     assert ref_cache.cache_key(ref_cache.model_identity(tiny_model), "bf16", tokens) != key
     assert ref_cache.cache_key(ref_cache.model_identity(sandbox_data), "fp32", tokens) != key
     # the bf16 pass is close to the fp32 one
     half = ref_cache.compute_reference_logps(model, pairs, tok.pad_token_id, ref_cache.in_batches(24, 7), "bf16",
                                               progress=False)
     torch.testing.assert_close(half, batched, rtol=0.02, atol=0.5)
-
 
 
 def test_the_reference_key_follows_the_cached_tokens(tiny_model, sandbox_data, tmp_path):
@@ -182,19 +181,28 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(tiny_model, san
     objective = dpo_module.dpo_objective(load_config(dpo_module.LossConfig, None, ["rpo_alpha=0.5"]))
     offset_ref = two_rows[:8] + torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
     grads, outs = [], []
-    for layout in (False, True):
+    # two rows a pair, one, or several pairs packed into a row (SDPA's boolean mask; FlexAttention's
+    # block mask, forward only: it has no backward on the CPU)
+    for layout, rows, attn in ((False, None, "sdpa"), (True, None, "sdpa"), (True, [3, 5], "sdpa"),
+                               (True, [6, 2], "flex_attention")):
+        model.set_attn_implementation(attn)
         model.zero_grad()
-        batch = collate_pairs(pairs[:8], tok.pad_token_id, layout)
+        batch = collate_pairs(pairs[:8], tok.pad_token_id, layout, rows)
         batch["ref_logps"] = offset_ref  # policy != reference: a non-trivial gradient
-        out = objective(model, batch)
-        out.loss_sum.backward()
+        with torch.set_grad_enabled(attn == "sdpa"):
+            out = objective(model, batch)
+        if attn == "sdpa":
+            out.loss_sum.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         outs.append(out)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(outs[1].loss_sum, outs[0].loss_sum, atol=1e-5, rtol=1e-5)
-    for key in outs[0].metric_sums:
-        torch.testing.assert_close(outs[1].metric_sums[key], outs[0].metric_sums[key], atol=1e-4, rtol=1e-5)
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+    for other in outs[1:]:
+        torch.testing.assert_close(other.loss_sum, outs[0].loss_sum, atol=1e-5, rtol=1e-5)
+        for key in outs[0].metric_sums:
+            torch.testing.assert_close(other.metric_sums[key], outs[0].metric_sums[key], atol=1e-4, rtol=1e-5)
+    for other in grads[1:]:
+        for name in grads[0]:
+            torch.testing.assert_close(other[name], grads[0][name], atol=1e-5, rtol=1e-4)
+
 
 def _count_loads(monkeypatch) -> list[str]:
     """The paths of the models the stage loads, in order (the policy, the reference)."""

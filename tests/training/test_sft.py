@@ -67,14 +67,14 @@ def test_resume_gives_the_same_losses_and_weights(tiny_model, sandbox_data, tmp_
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_packed_rows_give_the_same_loss_as_unpacked(tiny_model, sandbox_data, attn):
     cfg = _cfg(tiny_model, sandbox_data, "unused", f"model.attn_implementation={attn}")
     tok, model = load_tokenizer(cfg.model), load_model(cfg.model).eval()
     seqs, _ = tokenize_sft(tok, read_records(cfg.data.train, SFTExample)[:6], 128, "all")
     packed = collate_rows([seqs[:3], seqs[3:]], tok.pad_token_id)
     unpacked = collate_rows([[s] for s in seqs], tok.pad_token_id)
-    assert bool(packed["packed"]) and not bool(unpacked["packed"])
+    assert packed["packed"] and not unpacked["packed"]
     with torch.no_grad():
         lp = sft_objective(model, packed).loss_sum
         lu = sft_objective(model, unpacked).loss_sum
