@@ -111,3 +111,17 @@ def test_pairs_packed_into_one_row_compute_what_each_computes_alone(tokenizer):
     seq, branch = packed["seq_ids"][0], packed["branch"][0]
     by_hand = [values[0][(seq == i + 1) & (branch == b)].sum() for b in (1, 2) for i in range(3)]
     torch.testing.assert_close(per_response(values, packed), torch.stack(by_hand))
+
+def test_the_block_mask_lets_through_what_the_dense_mask_does(tokenizer):
+    """FlexAttention's block mask (packed pairs, branches, padding) follows the same rule as the
+    SDPA mask, position by position (its kernel needs a GPU to train; the rule is checked here)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    pairs = [_pair(tokenizer, "Answer: 42, since 12 + 30 = 42.", "Answer: 41"),
+             _pair(tokenizer, "42", "I do not know."), _pair(tokenizer, "yes", "no", prompt="Is it?")]
+    for rows in ([3], [1, 2]):
+        b = collate_pairs(pairs, tokenizer.pad_token_id, shared=True, rows=rows)
+        block = attention_mask(b, "flex_attention", torch.float32)
+        t = b["seq_ids"].shape[1]
+        dense = create_mask(block.mask_mod, len(b["seq_ids"]), 1, t, t, device="cpu")
+        assert torch.equal(dense, attention_mask(b, "sdpa", torch.float32))
