@@ -8,7 +8,9 @@ is its own) on the same sandbox preference pairs: sigmoid DPO, beta 0.1, referen
 starting model, AdamW (0.9, 0.999), cosine with warmup 0.03, 2 epochs (the paper's), fp32,
 8 pairs per micro-batch x 2 accumulation, max length 256. Two times are taken per run: *compute*, the reference
 log-probs plus the training steps (ours: one reference pass before training, then the loop;
-TRL: ``trainer.train()``, which runs a reference forward every step, its default), and
+TRL: ``trainer.train()`` with ``precompute_ref_log_probs=True``, its fastest configuration that
+runs here: one reference pass at the start, inside ``train()``; ``--trl-live-reference``: a
+reference forward every step, TRL's default), and
 *end to end*, everything a user waits for (loading, tokenizing, saving too). pairs/s =
 pairs x epochs / time. Afterwards both final models are scored by the same code: their mean
 DPO loss on all pairs.
@@ -18,7 +20,9 @@ against the machine's bf16 (and fp32) matmul peak measured by one large matmul. 
 6 x params x tokens per epoch (forward + backward) plus 2 x params x tokens once (the
 reference pass), where tokens are those of the shared-prompt rows (each pair's prompt once;
 ``--ours data.share_prompt=false``: prompt twice). TRL: 6 + 2 x params x tokens per epoch
-(its reference forward runs every step), prompt twice. FLOP/s thus measures how well each
+(its reference forward every step; 6 + 2 / epochs with the precomputed reference), prompt twice.
+Ours by tokens (``--ours train.micro_batch_tokens=2048``): the same pairs per step, several
+shared-prompt pairs packed into one row. FLOP/s thus measures how well each
 uses the hardware; pairs/s measures what a user gets.
 """
 
@@ -89,7 +93,7 @@ def run_ours(model: str, pairs: str, out: str, extra: list[str]) -> dict:
             "model": str(Path(out) / "model")}
 
 
-def run_trl(model: str, pairs: str, out: str, extra: list[str]) -> dict:
+def run_trl(model: str, pairs: str, out: str, extra: list[str], live_reference: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -106,6 +110,7 @@ def run_trl(model: str, pairs: str, out: str, extra: list[str]) -> dict:
         num_train_epochs=EPOCHS, beta=BETA, loss_type=["sigmoid"], adam_beta2=0.999, weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=42, bf16=False, dataloader_num_workers=0,
+        precompute_ref_log_probs=not live_reference, precompute_ref_batch_size=32,
     )
     t = time.perf_counter()
     trainer = DPOTrainer(model=model, args=args, train_dataset=data,
@@ -139,7 +144,8 @@ def final_loss(policy: str, reference: str, pairs: str) -> float:
 
 
 def worker(args) -> None:
-    res = (run_ours if args.worker == "ours" else run_trl)(args.model, args.data, args.out, args.ours)
+    res = run_ours(args.model, args.data, args.out, args.ours) if args.worker == "ours" else \
+        run_trl(args.model, args.data, args.out, args.ours, args.trl_live_reference)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["final_loss"] = final_loss(res["model"], args.model, args.data)
     print("RESULT " + json.dumps(res))
@@ -164,9 +170,9 @@ def token_stats(model: str, pairs: str) -> tuple[int, int, int]:
     return params, sum(len(p) for p in tokenized), sum(p.shared_len() for p in tokenized)
 
 
-def spawn(kind: str, model: str, pairs: str, out: str, epochs: int, extra: list[str]) -> dict:
+def spawn(kind: str, model: str, pairs: str, out: str, epochs: int, extra: list[str], live: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", pairs, "--out", out,
-           "--epochs", str(epochs), *(f"--ours={o}" for o in extra)]
+           "--epochs", str(epochs), *(f"--ours={o}" for o in extra), *(["--trl-live-reference"] if live else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
@@ -183,6 +189,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per framework; the fastest counts")
     p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `rlhf dpo` option for our side, e.g. data.share_prompt=false (repeatable)")
+    p.add_argument("--trl-live-reference", action="store_true",
+                   help="TRL runs its reference forward every step (its default) instead of precomputing")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -207,12 +215,13 @@ def main() -> None:
         model = str(init_model(InitModelConfig(out=str(root / size), **SIZES[size])))
         params, tokens, shared_tokens = token_stats(model, str(pairs))
         ours_tokens = tokens if "data.share_prompt=false" in args.ours else shared_tokens
-        executed = {"ours": (6 * EPOCHS + 2) * params * ours_tokens, "trl": 8 * EPOCHS * params * tokens}
+        trl_passes = 8 * EPOCHS if args.trl_live_reference else 6 * EPOCHS + 2
+        executed = {"ours": (6 * EPOCHS + 2) * params * ours_tokens, "trl": trl_passes * params * tokens}
         best: dict[str, dict] = {}
         for r in range(args.repeats):
             for kind in ("ours", "trl"):
                 res = spawn(kind, model, str(pairs), str(root / f"{size}-{kind}-{r}"), EPOCHS,
-                            args.ours)
+                            args.ours, args.trl_live_reference)
                 if kind not in best or res["compute_s"] < best[kind]["compute_s"]:
                     best[kind] = res
         for kind, res in best.items():

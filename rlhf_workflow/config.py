@@ -79,6 +79,13 @@ class TrainConfig(Config):
         "fsdp (FSDP2: weights, gradients, optimizer sharded), zero2/zero3 (DeepSpeed)")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="compute precision on fp32 weights: auto = bf16 on a GPU that has it, else fp32")
+    grad_sync: Literal["every", "last"] = Field(
+        "every", description="fsdp: reduce-scatter the gradients after every micro-batch (they stay sharded: "
+        "least memory), or accumulate them unsharded on each rank and reduce once a step, on the last "
+        "micro-batch (fewer collectives; a whole fp32 gradient per rank). DDP always syncs on the last")
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype gradients are reduced in across processes (fsdp, zero2/zero3): bf16 halves "
+        "the traffic at the cost of a rounding of every gradient")
     allow_low_precision_weights: bool = Field(
         False, description="allow AdamW on bf16/fp16 weights (updates below their precision are lost)")
     activation_checkpointing: bool = Field(
@@ -101,6 +108,9 @@ class TrainConfig(Config):
         5.0, gt=0, description="largest safetensors file of the exported model, GiB (a sharded model is "
         "exported file by file: this also bounds the main process's memory then)")
     timeout_minutes: float = Field(30.0, gt=0, description="how long a rank waits for the others")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak TFLOP/s of one device in the compute dtype, for the MFU metric (e.g. 989 "
+        "for an H100's dense bf16); None: measured at the start with a short run of matrix products")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="extra metric trackers besides metrics.jsonl"
     )

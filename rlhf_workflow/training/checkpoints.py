@@ -28,8 +28,9 @@ from .engine import Engine, setup_for
 # changing them between a crash and the re-run is fine.
 RESUMABLE = ("train.progress", "train.log_every", "train.report_to", "train.save_every", "train.save_minutes",
              "train.keep_checkpoints", "train.resume", "train.timeout_minutes", "train.strategy",
-             "train.micro_batch_size", "train.micro_batch_tokens", "train.activation_checkpointing", "train.eval_every",
-             "eval_batch_size", "train.save_file_gib", "data.token_cache")
+             "train.micro_batch_size", "train.micro_batch_tokens", "train.grad_sync",
+             "train.activation_checkpointing", "train.eval_every",
+             "eval_batch_size", "train.save_file_gib", "data.token_cache", "train.peak_tflops")
 
 
 def start_run(cfg: Config, train_cfg: TrainConfig) -> dict | None:

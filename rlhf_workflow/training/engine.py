@@ -10,7 +10,8 @@ and load sharded checkpoints, and to gather the final weights. Existing engines 
   last micro-batch of a step only;
 - ``fsdp``: PyTorch's FSDP2 (``fully_shard`` on every decoder layer, the reward head and the
   root), parameters, gradients and optimizer states sharded; gradients reduce-scattered
-  every micro-batch so they stay sharded;
+  every micro-batch so they stay sharded (``train.grad_sync=last``: accumulated unsharded,
+  reduced once a step), in ``train.reduce_dtype``;
 - ``zero2`` / ``zero3``: DeepSpeed ZeRO (the ``deepspeed`` extra), which owns accumulation:
   the loop marks the accumulation boundary itself, so DeepSpeed steps once per optimizer
   step and never rescales the loss.
@@ -67,7 +68,7 @@ def engine_for(cfg: TrainConfig) -> Engine:
     """The engine of a training stage's process: its strategy, precision, rank and device."""
     rank, world, device = setup_for(cfg)
     return Engine(resolve_strategy(cfg.strategy, world), resolve_precision(cfg.mixed_precision, device),
-                  rank, world, device)
+                  rank, world, device, cfg.grad_sync, cfg.reduce_dtype)
 
 
 def load_trainable(cfg: TrainConfig, spec: ModelConfig, head: str = "causal_lm", prepare=None,
@@ -134,8 +135,12 @@ def training_attention() -> None:
 class Engine:
     """One strategy's way of wrapping, stepping, checkpointing and exporting a model."""
 
-    def __init__(self, strategy: str, precision: str, rank: int, world: int, device: torch.device):
+    def __init__(self, strategy: str, precision: str, rank: int, world: int, device: torch.device,
+                 grad_sync: str = "every", reduce_dtype: str = "fp32"):
         self.strategy, self.precision = strategy, precision
+        self.grad_sync, self.reduce_dtype = grad_sync, reduce_dtype
+        if grad_sync == "last" and strategy.startswith("zero"):
+            raise UserError("train.grad_sync=last is for fsdp: DeepSpeed ZeRO reduces every micro-batch")
         self.rank, self.world, self.device = rank, world, device
         self.is_main = rank == 0
         self.deepspeed = strategy.startswith("zero")
@@ -217,8 +222,8 @@ class Engine:
         (called on its own by the shared-prompt reward path), and the root."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.precision == "bf16" else MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.precision == "bf16" else None,
+                                  reduce_dtype=torch.bfloat16 if self.reduce_dtype == "bf16" else torch.float32)
         inner = unwrap_peft(model)
         blocks = set(getattr(inner, "_no_split_modules", None) or [])
         units = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -233,6 +238,8 @@ class Engine:
         deepspeed = _deepspeed_module().deepspeed
         config = deepspeed_config(self.strategy, self.precision, micro_batch_size, accum, self.world,
                                   max_grad_norm)
+        if self.reduce_dtype == "bf16":
+            config["communication_data_type"] = "bf16"
         optimizer = make_optimizer(model)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return engine, optimizer  # ZeRO steps this optimizer's param groups: the scheduler drives them
@@ -242,10 +249,12 @@ class Engine:
     @contextmanager
     def micro_batch(self, last: bool):
         """Context for the forward and backward of one micro-batch; gradients are synchronised
-        across ranks on the ``last`` micro-batch of a step (FSDP and ZeRO reduce every time,
-        keeping gradients sharded)."""
+        across ranks on the ``last`` micro-batch of a step (FSDP2 and ZeRO reduce every time,
+        keeping gradients sharded; FSDP2 with ``grad_sync="last"`` on the last only)."""
         if self.deepspeed:
             self.model.set_gradient_accumulation_boundary(last)
+        if self.strategy == "fsdp" and self.grad_sync == "last":
+            self.model.set_requires_gradient_sync(last)
         sync = self.model.no_sync() if self.strategy == "ddp" and not last else nullcontext()
         with sync, self.autocast():
             yield

@@ -44,6 +44,7 @@ from ..errors import UserError
 from ..io import write_json
 from .checkpoints import checkpoints, resume, save_checkpoint, truncate_metrics
 from .engine import engine_for, reshard
+from .flops import matmul_params, measured_peak, step_flops
 
 
 @dataclass
@@ -247,6 +248,10 @@ def train(
         return torch.optim.AdamW(_param_groups(m, optim.weight_decay), lr=optim.lr, betas=optim.betas,
                                  eps=optim.eps, fused=all(p.device.type in ("cpu", "cuda") for p in params))
 
+    params, model_config = matmul_params(model), model.config
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(eng.precision, torch.float32)
+    peak = all_sum(torch.tensor(cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_peak(device, dtype),
+                                device=device)).item()  # of all the devices
     model, optimizer = eng.wrap(model, make_optimizer, micro, accum, optim.max_grad_norm,
                                 cfg.allow_low_precision_weights)
     scheduler = get_scheduler(
@@ -256,6 +261,7 @@ def train(
     layout = {"strategy": eng.strategy, "precision": "bf16 compute, fp32 weights" if eng.precision == "bf16"
               else eng.precision if eng.precision != "no" else "fp32", "processes": world,
               "global_batch_size": cfg.global_batch_size, "optimizer_steps": total, "warmup_steps": warmup,
+              "peak_tflops_per_device": round(peak / world / 1e12, 4), "matmul_params": params,
               **({"micro_batch_tokens": plan.tokens} if plan.tokens else {"micro_batch_size": micro,
                                                                           "grad_accum": accum})}
     split = (f"{world} share(s) balanced by tokens, in micro-batches of <= {plan.tokens} tokens" if plan.tokens
@@ -275,7 +281,7 @@ def train(
 
     record: dict[str, float] = {}
     model.train()
-    t0, last_save, tokens_seen = time.perf_counter(), time.monotonic(), 0.0
+    t0, last_save, tokens_seen, flops_seen = time.perf_counter(), time.monotonic(), 0.0, 0.0
     skipped = 0
     with StopOnSignal() as stop, tqdm(total=total, initial=start, disable=not (cfg.progress and eng.is_main),
                                       desc=f"train {out.name}", dynamic_ncols=True) as bar:
@@ -299,6 +305,7 @@ def train(
             names = sorted(sums)
             due_time = eng.is_main and cfg.save_minutes > 0 and time.monotonic() - last_save > 60 * cfg.save_minutes
             local = [loss_total, *(sums[n].to(device) for n in names),
+                     torch.tensor(step_flops(params, model_config, batches[:real]), device=device),
                      torch.tensor(float(sum(b["num_tokens"] for b in batches[:real])), device=device),
                      torch.tensor(float(due_time), device=device), torch.tensor(float(stop.requested), device=device)]
             reduced = all_sum(torch.stack([x.float().reshape(()) for x in local])).tolist()
@@ -307,11 +314,13 @@ def train(
             if not (updated and math.isfinite(loss) and math.isfinite(grad_norm)):
                 skipped = _nonfinite(cfg, out, step + 1, loss, grad_norm, skipped, applied=updated)
             scheduler.step()  # after the check: no scheduler warning in front of a stopped run's error
-            tokens_seen += reduced[-3]
+            flops_seen, tokens_seen = flops_seen + reduced[-4], tokens_seen + reduced[-3]
             record = {"step": step + 1, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "items": items}
-            record.update({n: v / items for n, v in zip(names, reduced[1:-3], strict=True)})
-            record["tokens_per_s"] = round(tokens_seen / (time.perf_counter() - t0), 1)
+            record.update({n: v / items for n, v in zip(names, reduced[1:-4], strict=True)})
+            elapsed = time.perf_counter() - t0
+            record["tokens_per_s"] = round(tokens_seen / elapsed, 1)
+            record["mfu"] = round(flops_seen / (elapsed * peak), 4)
             if skipped:
                 record["skipped_steps"] = skipped
             if device.type == "cuda":
@@ -394,11 +403,12 @@ def _nonfinite(cfg: TrainConfig, out: Path, step: int, loss: float, grad_norm: f
 
 
 def _shown(record: dict) -> dict[str, str]:
-    """The progress line: loss, lr, the stage's headline metric and the last held-out ones."""
+    """The progress line: loss, lr, the stage's headline metric, the last held-out ones, speed."""
     shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
     for k in ("reward_acc", "accuracy", "rewards/margin", "eval/loss", "eval/accuracy"):
         if k in record:
             shown[k] = f"{record[k]:.3f}"
+    shown.update({"tok/s": f"{record['tokens_per_s']:.0f}", "mfu": f"{record['mfu']:.1%}"})
     return shown
 
 

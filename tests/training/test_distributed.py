@@ -196,6 +196,22 @@ def test_packed_sft_on_two_ranks_equals_one(strategy, tiny_model, sandbox_data, 
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("setting", ["train.grad_sync=last", "train.reduce_dtype=bf16"])
+def test_fsdp_gradient_sync_settings(setting, tiny_model, sandbox_data, sft_one_rank, tmp_path):
+    """FSDP2 with 2 micro-batches a step on each rank: gradients accumulated unsharded and
+    reduced once (the same training as 1 process), or reduced in bf16 (close to it)."""
+    out = tmp_path / "two"
+    torchrun(["sft"], _sft_args(tiny_model, sandbox_data / "sft.jsonl", out, "train.strategy=fsdp",
+                                "train.micro_batch_size=1", setting))
+    assert _world(out) == WORLD and json.loads((out / "train_plan.json").read_text())["grad_accum"] == 2
+    exact = setting.endswith("last")
+    assert _metrics(out) == pytest.approx(_metrics(sft_one_rank), rel=1e-5 if exact else 2e-2)
+    _assert_same_weights(out, sft_one_rank, atol=2e-5 if exact else 2e-3)
+    if not exact:  # (the bf16 reduction did happen: it rounded the gradients)
+        wa, wb = _weights(out), _weights(sft_one_rank)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) > 1e-5
+
+
 def _rm_args(tiny_model, sandbox_data, out, *extra):
     return [f"model.path={tiny_model}", f"data.train={sandbox_data / 'prefs_train.jsonl'}",
             f"data.test={sandbox_data / 'prefs_test.jsonl'}", "data.max_length=128", "optim.lr=1e-3",
