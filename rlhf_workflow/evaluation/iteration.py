@@ -47,6 +47,8 @@ class HeldOutConfig(Config):
     limit: int = Field(500, ge=0, description="evaluate on the first N held-out prompts (0 = all)")
     sampling: SamplingConfig = SamplingConfig(n=4, temperature=1.0, max_new_tokens=2048)
     kl: bool = Field(True, description="estimate KL(pi_t || pi_0) from the sampled responses")
+    every: int = Field(1, ge=1, description="rlhf loop: evaluate on the held-out prompts every k-th iteration "
+                       "(the SFT policy and the last iteration always); the others report their own rollouts only")
 
 
 class IterationEvalConfig(Config):

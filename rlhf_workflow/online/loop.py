@@ -235,11 +235,14 @@ def _dpo_config(cfg: LoopConfig, policy: str, reference: str, d: Path) -> DPOCon
 
 
 def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
-    """``rlhf eval iteration`` on the stage's ranks; with the vLLM backend the held-out prompts
-    are sampled first by ``rlhf generate`` on the engines (token ids kept, for the KL)."""
+    """``rlhf eval iteration`` on the stage's ranks (held-out prompts every ``eval.every``-th
+    iteration, the SFT policy's and the last); with the vLLM backend the held-out prompts are
+    sampled first by ``rlhf generate`` on the engines (token ids kept, for the KL)."""
     d.mkdir(parents=True, exist_ok=True)
+    held_out = cfg.eval if t in (0, cfg.iterations) or t % cfg.eval.every == 0 else \
+        cfg.eval.model_copy(update={"prompts": None})
     rollouts = None
-    if cfg.eval.prompts and cfg.generate.backend == "vllm":
+    if held_out.prompts and cfg.generate.backend == "vllm":
         rollouts = d / "eval_rollouts.jsonl"
         gen = cfg.generate.model_copy(deep=True, update={
             "model": cfg.policy.model_copy(update={"path": policy}), "input": cfg.eval.prompts,
@@ -247,7 +250,7 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
             "sampling": cfg.eval.sampling.model_copy(update={"seed": cfg.seed})})
         _launch(cfg, "generate", gen, d / "eval_generate.yaml", 1, bool(cfg.launcher))
     _launch(cfg, "eval iteration", IterationEvalConfig(
-        iteration=t, policy=cfg.policy.model_copy(update={"path": policy}), sft=sft, eval=cfg.eval,
+        iteration=t, policy=cfg.policy.model_copy(update={"path": policy}), sft=sft, eval=held_out,
         annotator=cfg.annotate.annotator, seed=cfg.seed, rollouts=str(rollouts) if rollouts else None,
         iteration_dir=str(d) if t > 0 else None, out=str(d / "metrics.json")), d / "eval.yaml")
 

@@ -220,3 +220,17 @@ def test_on_a_gpu_machine_every_stage_is_a_process_of_its_own(full_run, loop_cfg
         got, want = (json.loads((d / f"iter_{t}" / "metrics.json").read_text()) for d in (out, full))
         assert got.pop("policy").replace(str(out), "") == want.pop("policy").replace(str(full), "")
         assert got == want
+
+
+def test_held_out_evaluation_every_kth_iteration(loop_cfg, tmp_path, monkeypatch):
+    """``eval.every=2`` over 5 iterations: the SFT policy, iterations 2 and 4 and the last on the
+    held-out prompts; iterations 1 and 3 report their own rollouts only."""
+    from rlhf_workflow.online import loop as loop_module
+
+    held_out = {}
+    monkeypatch.setattr(loop_module, "_launch", lambda cfg, command, stage_cfg, path, *a: held_out.update(
+        {stage_cfg.iteration: stage_cfg.eval.prompts is not None}))
+    cfg = loop_cfg(tmp_path, "iterations=5", "eval.every=2")
+    for t in range(6):
+        loop_module._evaluate(cfg, t, "policy", "sft", tmp_path / f"iter_{t}")
+    assert held_out == {0: True, 1: False, 2: True, 3: False, 4: True, 5: True}
