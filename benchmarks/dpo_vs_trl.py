@@ -171,12 +171,16 @@ def token_stats(model: str, pairs: str) -> tuple[int, int, int]:
 
 
 def spawn(kind: str, model: str, pairs: str, out: str, epochs: int, extra: list[str], live: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", pairs, "--out", out,
-           "--epochs", str(epochs), *(f"--ours={o}" for o in extra), *(["--trl-live-reference"] if live else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return run_worker(__file__, "--worker", kind, "--model", model, "--data", pairs, "--out", out, "--epochs",
+                      str(epochs), *(f"--ours={o}" for o in extra), *(["--trl-live-reference"] if live else []))
+
+
+def run_worker(script: str, *args: str) -> dict:
+    """Run ``script *args`` in a fresh process (its peak memory its own); the dict of its RESULT line."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
 
 

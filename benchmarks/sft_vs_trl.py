@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from dpo_vs_trl import SIZES
+from dpo_vs_trl import SIZES, run_worker
 
 ROW, MICRO, ACCUM, LR = 512, 4, 2, 1e-4
 
@@ -108,15 +106,6 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
-def spawn(kind: str, model: str, data: str, out: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", data, "--out", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--conversations", type=int, default=2000, help="sandbox demonstrations")
@@ -142,7 +131,8 @@ def main() -> None:
         best: dict[str, dict] = {}
         for r in range(args.repeats):
             for kind in ("ours", "trl"):
-                res = spawn(kind, model, str(data), str(root / f"{size}-{kind}-{r}"))
+                res = run_worker(__file__, "--worker", kind, "--model", model, "--data", str(data), "--out",
+                                 str(root / f"{size}-{kind}-{r}"))
                 if kind not in best or res["compute_s"] < best[kind]["compute_s"]:
                     best[kind] = res
         tokens = best["ours"]["tokens"]
