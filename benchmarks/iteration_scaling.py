@@ -36,10 +36,10 @@ def loop_worker(root: Path, model: str, prompts: int, n: int) -> dict:
 
 
 def pool_worker(root: Path, size: int) -> dict:
+    import tracemalloc
+
     from rlhf_workflow.config import load_config
     from rlhf_workflow.online.loop import LoopConfig, _slice_prompts
-
-    import tracemalloc
 
     cfg = load_config(LoopConfig, None, [f"prompts.source={root / f'pool-{size}.jsonl'}", "prompts.per_iteration=64"])
     tracemalloc.start()
