@@ -69,7 +69,11 @@ def test_the_evaluation_stage_on_two_ranks_gives_one_process_metrics(tiny_model,
     assert "on 2 process(es)" in done.stdout
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one.pop("processes") == 1 and two.pop("processes") == 2
-    assert two == one
+    # the same samples and scores; the judge's floats to rounding (a rank's thread count changes
+    # the order of a matrix product's sums)
+    assert two.keys() == one.keys()
+    for key, value in one.items():
+        assert two[key] == (pytest.approx(value, rel=1e-6, abs=1e-7) if isinstance(value, float) else value), key
     assert one["gold_reward"] is not None and one["kl"] == 0.0 and one["eos_rate"] < 1  # policy == pi_0
 
 
