@@ -39,11 +39,12 @@ def pool_worker(root: Path, size: int) -> dict:
     import tracemalloc
 
     from rlhf_workflow.config import load_config
-    from rlhf_workflow.online.loop import LoopConfig, _slice_prompts
+    from rlhf_workflow.online.loop import LoopConfig, _check_pool, _slice_prompts
 
-    cfg = load_config(LoopConfig, None, [f"prompts.source={root / f'pool-{size}.jsonl'}", "prompts.per_iteration=64"])
+    cfg = load_config(LoopConfig, None, [f"prompts.source={root / f'pool-{size}.jsonl'}", "prompts.per_iteration=64",
+                                         f"out={root / f'run-{size}'}"])
     tracemalloc.start()
-    _slice_prompts(cfg, 1, root / f"slice-{size}.jsonl")
+    _slice_prompts(cfg, 1, root / f"slice-{size}.jsonl", _check_pool(cfg.prompts, Path(cfg.out)))
     return {"peak_mb": tracemalloc.get_traced_memory()[1] / 2**20}
 
 

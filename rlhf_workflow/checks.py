@@ -29,11 +29,12 @@ them and stops with a :class:`UserError` when there is an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from .config import ModelConfig
-from .data.chat import encode_prompt, render
+from .data.chat import TemplateRefused, encode_prompt, render
 from .errors import UserError
+from .models.loading import Loaded, load_parts
 
 if TYPE_CHECKING:
     from .online.loop import LoopConfig
@@ -51,33 +52,6 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.who}: {self.level}: {self.problem} -> {self.fix}"
-
-
-@dataclass(frozen=True)
-class Loaded:
-    tokenizer: Any
-    config: Any  # transformers PretrainedConfig
-    generation_config: Any
-
-
-def load_parts(spec: ModelConfig) -> Loaded:
-    """Tokenizer, model config and generation config of a model spec (no weights)."""
-    from transformers import AutoConfig, GenerationConfig
-
-    from .models.loading import load_tokenizer, split_gguf
-
-    tokenizer = load_tokenizer(spec)
-    source, gguf = split_gguf(spec.path)
-    extra = {"gguf_file": gguf} if gguf else {}
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not read the config of {spec.path!r}: {e}") from None
-    try:
-        generation = GenerationConfig.from_pretrained(source, **extra)
-    except (OSError, ValueError):
-        generation = GenerationConfig.from_model_config(config)
-    return Loaded(tokenizer, config, generation)
 
 
 # --------------------------------------------------------------------------- template checks
@@ -130,17 +104,20 @@ def check_system_prompt(who: str, tokenizer) -> list[Finding]:
                            "remove the date from the template (or pin it) for reproducible runs"))
     text = render(tokenizer, [{"role": "user", "content": USER}], True)
     head = text[: text.index(USER)]
+    try:
+        explicit = render(tokenizer, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}], True)
+    except TemplateRefused as e:
+        return out + [Finding(who, "warning", f"{e}: a prompt or conversation with a system turn is a bad "
+                              "record, an error naming it (data.on_bad=skip: skipped and counted)",
+                              "give no system turns, or use a template that takes them")]
     if "system" not in head:
         return out
     default = head
-    try:
-        explicit = render(tokenizer, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}], True)
+    if SYSTEM in explicit:
         pre = explicit[: explicit.index(SYSTEM)]
         post = explicit[explicit.index(SYSTEM) + len(SYSTEM) : explicit.index(USER)]
         if head.startswith(pre) and head.endswith(post):
             default = head[len(pre) : len(head) - len(post)] or head
-    except Exception:  # a template without a system role
-        pass
     shown = default if len(default) <= 90 else default[:87] + "..."
     return out + [Finding(who, "note", f"the chat template adds a default system prompt when the prompt has "
                           f"no system turn: {shown!r}",

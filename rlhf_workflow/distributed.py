@@ -64,6 +64,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (a collective: each rank waits for all)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """``x`` summed over ranks (in place, and returned)."""
     if dist.is_initialized():

@@ -52,7 +52,7 @@ CASES = [(n, c, b if b is None or isinstance(b, list) else _after_good(c, b), e,
      r"line 2: field 'chosen': must end with a non-empty assistant message"),
     ("dpo: empty file", "dpo", [], [], r"data.jsonl: no records"),
     ("dpo: response that cannot fit", "dpo", {**PAIR, "chosen": "five " * 200}, ["data.max_length=32", "data.on_long=error"],
-     r"data.jsonl, pair 2: a response does not fit in data.max_length=32"),
+     r"data.jsonl, line 2: a response does not fit in data.max_length=32"),
     ("rm: chosen == rejected", "rm train", {**PAIR, "rejected": "Answer: 5"}, [],
      r"line 2: field 'chosen': equal to rejected"),
     ("rm: margin not a number", "rm train", [{**PAIR, "m": "big"}], ["data.margin_field=m"],
@@ -62,7 +62,7 @@ CASES = [(n, c, b if b is None or isinstance(b, list) else _after_good(c, b), e,
     ("generate: blank prompt", "generate", {"prompt": "\t "}, [], r"line 2: field 'prompt': must not be empty or only whitespace"),
     ("generate: no prompts", "generate", [], [], r"no prompts to generate from"),
     ("generate: prompt too long for the model", "generate", {"prompt": "seven " * 400},
-     ["sampling.max_new_tokens=200"], r"1 prompt\(s\) too long for the model: .* 512 positions leave room for 312"),
+     ["sampling.max_new_tokens=200"], r"data.jsonl, line 2: the prompt has \d+ tokens, and the model.s 512 positions leave room for 312"),
     ("annotate: no responses", "annotate", {"prompt": "q", "responses": []}, [],
      r"line 2: field 'responses': List should have at least 1 item"),
     ("pairs: no rewards", "pairs", {"prompt": "q", "responses": ["a", "b"]}, [], r"needs one reward per response"),
@@ -154,3 +154,50 @@ def test_bad_yaml_files_are_one_line(tmp_path, capsys):
     for name, message in cases.items():
         assert main(["sft", "--config", str(tmp_path / name)]) == 2
         assert re.search(message, capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- records a chat template refuses
+
+SYSTEM_REFUSED = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def strict_model(tiny_model, tmp_path_factory):
+    """The tiny model with a Gemma-style template: a system turn raises."""
+    out = tmp_path_factory.mktemp("strict") / "model"
+    shutil.copytree(tiny_model, out)
+    (out / "chat_template.jinja").write_text(SYSTEM_REFUSED + (out / "chat_template.jinja").read_text())
+    return out
+
+
+SYSTEM = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+REFUSED = {  # command: (records, the second refused; what a skipping run must have written)
+    "sft": ([SFT, {"messages": SYSTEM + [{"role": "assistant", "content": "5"}]}, SFT], "model"),
+    "dpo": ([PAIR, {**PAIR, "prompt": SYSTEM}, PAIR], "model"),
+    "generate": ([PROMPT, {"prompt": SYSTEM, "id": "p2"}, {"prompt": "What is 1 + 1?", "id": "p3"}],
+                 "rollouts.jsonl"),
+}
+
+
+@pytest.mark.parametrize("command", REFUSED)
+def test_a_record_the_chat_template_refuses_is_one_line_or_skipped(command, strict_model, tmp_path, capsys):
+    records, product = REFUSED[command]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    args = [a.replace("MODEL", str(strict_model)).replace("DATA", str(data)).replace("OUT", str(out))
+            for a in COMMANDS[command]]
+    capsys.readouterr()
+    assert main([*command.split(), *args]) == 2
+    err = capsys.readouterr().err
+    where = "line 2 (id 'p2')" if command == "generate" else "line 2"
+    assert re.search(rf"^error: .*data.jsonl, {re.escape(where)}: the chat template of .* refused the conversation: "
+                     r"System role not supported", err, re.M), err[-2000:]
+    assert "Traceback" not in err and not (out / product).exists()
+    skip = "on_bad=skip" if command == "generate" else "data.on_bad=skip"
+    assert main([*command.split(), *args, skip]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"1 skipped: the chat template refused them|skipped 1 x refused by the chat template", printed)
+    if command == "generate":
+        assert [json.loads(x)["id"] for x in (out / product).read_text().splitlines()] == ["p1", "p3"]
+    assert (out / product).exists()

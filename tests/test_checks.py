@@ -142,6 +142,14 @@ def test_default_system_prompt_and_date(toks):
     assert [f.level for f in check_system_prompt("policy", dated)] == ["warning"]
 
 
+def test_a_template_that_refuses_a_system_turn_is_a_warning(toks):
+    chatml = TEMPLATES["chatml"]["chat_template"]
+    strict = variant(toks["chatml"], "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "
+                     "not supported') }}{% endif %}" + chatml)
+    [f] = check_system_prompt("policy", strict)
+    assert f.level == "warning" and "refused the conversation: System role not supported" in f.problem
+
+
 def test_templates_that_are_not_prefix_stable(toks):
     chatml = TEMPLATES["chatml"]["chat_template"]
     # the generation prompt opens the turn otherwise than the rendered assistant turn

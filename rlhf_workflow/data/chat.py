@@ -30,12 +30,25 @@ class Tokenized:
         return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
 
+class TemplateRefused(UserError):
+    """The chat template raised on a conversation (e.g. ``raise_exception('System role not
+    supported')``): a bad record, which the stage reports with its location or skips."""
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template writes it. A template that raises on
+    it (its ``raise_exception``, an undefined name) is a :class:`TemplateRefused`."""
+    from jinja2 import TemplateError
+
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:
+        raise TemplateRefused(f"the chat template of {tokenizer.name_or_path!r} refused the conversation: "
+                              f"{e or type(e).__name__}") from None
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:

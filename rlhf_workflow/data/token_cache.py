@@ -46,10 +46,10 @@ from tqdm.auto import tqdm
 from ..distributed import barrier, rank_and_world
 from ..errors import UserError
 from ..io import read_json, write_json, write_text
-from .chat import Tokenized
+from .chat import TemplateRefused, Tokenized
 from .pairs import TokenizedPair
 
-FORMAT_VERSION = 1  # bump when a stage's tokenization changes: old caches are then not read
+FORMAT_VERSION = 2  # bump when a stage's tokenization changes: old caches are then not read
 PAIR_FIELDS = ("truncated", "prefix")  # what :meth:`TokenCache.pair` reads, see :func:`pair_example`
 HEADER = 128  # bytes of a 1-D .npy header: written first as a placeholder, patched at the end
 WAIT_S = 30.0  # how long a rank waits for files another rank wrote to appear (network filesystems)
@@ -57,6 +57,7 @@ WAIT_S = 30.0  # how long a rank waits for files another rank wrote to appear (n
 # encode(i, record) -> (the example's sequences, its fields), or None to skip it (counted)
 Example = tuple[Sequence[Tokenized | list[int]], dict[str, int]]
 Encode = Callable[[int, Any], Example | None]
+Locate = Callable[[int], str]  # record i -> "data.jsonl, line 7", for an error naming it
 
 
 def cache_root() -> Path:
@@ -167,6 +168,11 @@ class TokenCache:
         """Records the stage's ``encode`` skipped (too long, nothing to train on)."""
         return self.meta["skipped"]
 
+    @property
+    def refused(self) -> int:
+        """Records skipped because the chat template refused them (``on_bad=skip``)."""
+        return self.meta.get("refused", 0)
+
     def input_ids(self, i: int, j: int = 0) -> list[int]:
         """Token ids of sequence ``j`` of example ``i``."""
         a, b = self._span(i, j)
@@ -219,16 +225,19 @@ def pair_example(tok: TokenizedPair, **fields: int) -> Example:
 def tokenize_cached(name: str, source: tuple[str, str], settings: dict, tokenizer,
                     records: Sequence | Callable[[], Sequence], encode: Encode, fields: Sequence[str] = (),
                     masks: bool = True, enabled: bool = True, progress: bool = True,
-                    noun: str = "examples") -> TokenCache:
+                    noun: str = "examples", on_bad: str = "error", locate: Locate | None = None) -> TokenCache:
     """The tokenized ``records`` of a stage ``name``: read from the cache, or made by
     ``encode(i, record)`` (on all ranks, each its block) and cached; ``records`` may be a
     callable, then called only on a miss. ``source`` is the data's (path or hub name, split);
-    ``settings`` every stage setting the tokens depend on. ``enabled=False`` tokenizes
-    everything on every rank into a private temporary folder, removed once mapped. Prints
-    one line on the main process: ``NAME: N NOUN tokenized, read from PATH`` (or how made)."""
+    ``settings`` every stage setting the tokens depend on (``on_bad`` among them). A record
+    the chat template refuses is an error naming it (``locate(i)``), or with
+    ``on_bad="skip"`` skipped and counted. ``enabled=False`` tokenizes everything on every
+    rank into a private temporary folder, removed once mapped. Prints one line on the main
+    process: ``NAME: N NOUN tokenized, read from PATH`` (or how made)."""
     rank, world = rank_and_world()
     start = time.perf_counter()
     known = None if callable(records) else len(records)
+    encode = _refusals(encode, on_bad, locate or (lambda i: f"{source[0]}, record {i + 1}"))
     if not enabled:
         with tempfile.TemporaryDirectory(prefix="rlhf-tokens-") as tmp:
             out = Path(tmp) / "cache"
@@ -266,8 +275,38 @@ def tokenize_cached(name: str, source: tuple[str, str], settings: dict, tokenize
 
 def _report(cache: TokenCache, name: str, noun: str, rank: int) -> TokenCache:
     if rank == 0:
-        print(f"{name}: {len(cache)} {noun} tokenized{cache.origin}")
+        refused = f" ({cache.refused} skipped: the chat template refused them)" if cache.refused else ""
+        print(f"{name}: {len(cache)} {noun} tokenized{cache.origin}{refused}")
     return cache
+
+
+_REFUSED = object()  # what an encode gives for a record the chat template refused and on_bad skips
+
+
+def _refusals(encode: Encode, on_bad: str, locate: Locate) -> Encode:
+    """``encode`` with a refusing chat template turned into an error naming the record, or
+    into a counted skip."""
+    def guarded(i: int, record):
+        try:
+            return encode(i, record)
+        except TemplateRefused as e:
+            if on_bad != "skip":
+                raise UserError(f"{locate(i)}: {e} (data.on_bad=skip skips such records)") from None
+            return _REFUSED
+    return guarded
+
+
+def locate_record(source: str, kind: type, split: str, on_bad: str) -> Locate:
+    """Where the ``i``-th record :func:`..readers.read_records` gives lies in ``source``
+    (found by reading it again: only for an error message)."""
+    from collections import Counter
+
+    from .readers import validated_rows
+
+    def locate(i: int) -> str:
+        rows = validated_rows(source, kind, split, Counter() if on_bad == "skip" else None)
+        return next(at for n, (at, _, _) in enumerate(rows) if n == i)
+    return locate
 
 
 def _build_sharded(parts: Path, path: Path, tmp: Path, items: Sequence, encode: Encode, fields, masks: bool,
@@ -303,14 +342,15 @@ def _write_part(folder: Path, items: Sequence, lo: int, hi: int, encode: Encode,
     """Tokenize ``items[lo:hi]`` into ``folder``: ids.npy and mask.npy streamed (never whole in
     memory), lengths.npy per sequence, one .npy per field, part.json with the counts."""
     folder.mkdir(parents=True)
-    lengths, values, skipped, examples = [], {f: [] for f in fields}, 0, 0
+    lengths, values, skipped, refused, examples = [], {f: [] for f in fields}, 0, 0, 0
     bar = tqdm(range(lo, hi), desc=f"tokenize ({name})", disable=not progress or hi - lo < 2000,
                dynamic_ncols=True)
     with _NpyWriter(folder / "ids.npy", "<i4") as ids, _NpyWriter(folder / "mask.npy", "|b1", masks) as mask:
         for i in bar:
             example = encode(i, items[i])
-            if example is None:
-                skipped += 1
+            if example is None or example is _REFUSED:
+                skipped += example is None
+                refused += example is _REFUSED
                 continue
             seqs, extra = example
             for s in seqs:
@@ -326,7 +366,7 @@ def _write_part(folder: Path, items: Sequence, lo: int, hi: int, encode: Encode,
     _save(folder / "lengths.npy", np.asarray(lengths, dtype=np.int64))
     for f in fields:
         _save(folder / f"{f}.npy", np.asarray(values[f], dtype=np.int64))
-    write_json(folder / "part.json", {"examples": examples, "skipped": skipped})
+    write_json(folder / "part.json", {"examples": examples, "skipped": skipped, "refused": refused})
 
 
 def _finish(parts: list[Path], out: Path, meta: dict, fields: Sequence[str], masks: bool) -> None:
@@ -347,6 +387,7 @@ def _finish(parts: list[Path], out: Path, meta: dict, fields: Sequence[str], mas
     (out / "part.json").unlink(missing_ok=True)
     write_json(out / "meta.json", {
         "format": FORMAT_VERSION, **meta, "examples": examples, "skipped": sum(c["skipped"] for c in counts),
+        "refused": sum(c.get("refused", 0) for c in counts),
         "sequences_per_example": len(lengths) // examples if examples else 1, "masks": masks,
         "fields": list(fields)})  # written last: the folder is complete
 

@@ -12,7 +12,9 @@ transformers sees it, so a wrong path is one line saying what was expected and w
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -46,6 +48,31 @@ def load_tokenizer(cfg: ModelConfig):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load tokenizer {name!r} (expected {EXPECTED}): {_one_line(e)}") from None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    tokenizer: Any
+    config: Any  # transformers PretrainedConfig
+    generation_config: Any
+
+
+def load_parts(spec: ModelConfig) -> Loaded:
+    """Tokenizer, model config and generation config of a model spec (no weights)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    tokenizer = load_tokenizer(spec)
+    source, gguf = split_gguf(spec.path)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the config of {spec.path!r}: {e}") from None
+    try:
+        generation = GenerationConfig.from_pretrained(source, **extra)
+    except (OSError, ValueError):
+        generation = GenerationConfig.from_model_config(config)
+    return Loaded(tokenizer, config, generation)
 
 
 def load_model(cfg: ModelConfig, head: str = "causal_lm", **kwargs):

@@ -28,7 +28,7 @@ from ..data.records import Rollout
 from ..distributed import barrier, setup
 from ..errors import UserError
 from ..manifest import write_manifest
-from .chunks import count_records, join_parts, process_chunks, start_parts
+from .chunks import count_records, join_parts, locked, process_chunks, start_parts
 
 Scorer = Callable[[list[Rollout]], list[list[float]]]
 
@@ -128,6 +128,11 @@ def annotate_records(rollouts: list[Rollout], rewards: list[list[float]], penalt
 def run_annotate(cfg: AnnotateConfig, scorer: Scorer | None = None) -> Path:
     out = Path(cfg.out)
     rank, world, _ = setup()
+    with locked(out, rank):
+        return _annotate(cfg, out, rank, world, scorer)
+
+
+def _annotate(cfg: AnnotateConfig, out: Path, rank: int, world: int, scorer: Scorer | None) -> Path:
     if not start_parts(out, cfg.model_dump(mode="json"), rank):
         print(f"annotate: {out} exists already")
         return out

@@ -7,6 +7,11 @@ exactly once, however uneven the split) and the main process joins the parts in 
 order. Each chunk samples with seed ``sampling.seed + i``, so the rollouts do not depend on
 the number of processes.
 
+Before any prompt is sampled, one pass checks them all (shared out over the processes): every
+record valid, rendered by the chat template, and short enough to leave ``max_new_tokens``
+within the model's positions. A bad prompt is one error naming its file, line and id, before
+the hours start; with ``on_bad=skip`` it is left out and counted.
+
 With ``backend=vllm`` the chunks go to vLLM engines instead: each node cuts its visible GPUs
 into groups of ``vllm.tensor_parallel_size`` (``generation.placement``) and starts one worker
 process per group (``CUDA_VISIBLE_DEVICES`` = the group, ``shard=g/total``); engine g of all
@@ -28,14 +33,17 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import Config, ModelConfig, save_config
-from ..data.readers import fmt_counts, iter_records
+from ..data.chat import TemplateRefused, encode_prompt
+from ..data.pairs import CHARS_PER_TOKEN
+from ..data.readers import fmt_counts, iter_records, validated_rows
 from ..data.records import Prompt
-from ..distributed import barrier, device, setup
+from ..distributed import barrier, device, gather_objects, setup
 from ..errors import UserError
 from ..generation.placement import engine_groups, visible_devices
 from ..generation.sampling import Sample, SamplingConfig
+from ..io import read_json, write_json
 from ..manifest import write_manifest
-from .chunks import chunks, count_records, join_parts, process_chunks, start_parts
+from .chunks import count_records, join_parts, locked, parts_dir, process_chunks, start_parts
 
 Generator = Callable[[list[list[dict]], SamplingConfig], list[list[Sample]]]
 
@@ -59,7 +67,8 @@ class GenerateConfig(Config):
     chunk_size: int = Field(256, ge=1, description="prompts per checkpointed chunk")
     limit: int = Field(0, ge=0, description="only the first N prompts (0 = all)")
     on_bad: Literal["error", "skip"] = Field(
-        "error", description="invalid record (missing, empty or whitespace-only prompt): fail, or skip and count")
+        "error", description="invalid record (missing, empty or whitespace-only prompt, one the chat template "
+        "refuses or too long for the model): fail before generating, or skip and count")
     vllm: VLLMConfig = VLLMConfig()
     shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="k/N: only chunks i with i % N == k (set for engine workers)")
     keep_token_ids: bool = Field(False, description="also write each response's sampled token ids (for log-probs of "
@@ -97,9 +106,19 @@ def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Pat
     rank, world, _ = setup(accelerator=not vllm)  # vLLM: the engines need the memory, not this process
     if cfg.shard:  # an engine worker: its chunks only; the process that started it joins the parts
         shard, shards = map(int, cfg.shard.split("/"))
-        _generate_chunks(cfg, out, shard, shards, generator, Counter())
+        _generate_chunks(cfg, out, shard, shards, generator, set(read_json(parts_dir(out) / "left_out.json")))
         return out
-    if not start_parts(out, cfg.model_dump(mode="json", exclude={"shard"}), rank):
+    with locked(out, rank):
+        return _run(cfg, out, rank, world, generator)
+
+
+# what does not change the rollouts: a finished output or chunk made under other values is kept
+NOT_IN_FINGERPRINT = {"shard": True, "on_bad": True, "vllm": {"engines", "gpu_memory_utilization"}}
+
+
+def _run(cfg: GenerateConfig, out: Path, rank: int, world: int, generator: Generator | None) -> Path:
+    vllm = cfg.backend == "vllm"
+    if not start_parts(out, cfg.model_dump(mode="json", exclude=NOT_IN_FINGERPRINT), rank):
         print(f"generate: {out} exists already")
         return out
     config_path = out.with_suffix(".config.yaml")
@@ -107,19 +126,23 @@ def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Pat
         save_config(cfg, config_path)
         write_manifest(out.parent, cfg, name=out.with_suffix(".manifest.json").name)
     skipped: Counter = Counter()
+    count, left_out = _validate(cfg, rank, world, skipped)
+    if count == 0:
+        raise UserError(f"{cfg.input}: no prompts to generate from"
+                        + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
+    n_chunks = -(-count // cfg.chunk_size)
+    if rank == 0:
+        write_json(parts_dir(out) / "left_out.json", sorted(left_out))  # (read by engine workers)
     groups = _node_engines(cfg.vllm, world) if vllm else []  # a collective: past it, rank 0's config exists
     if vllm and (len(groups) > 1 or world > 1):  # a process per engine (vLLM would join a group it finds)
-        n_chunks = sum(1 for _ in chunks(_prompts(cfg, skipped), cfg.chunk_size))  # bad input: before the engines
-        _require_prompts(cfg, n_chunks, skipped)
         total = world * len(groups)
-        failed = sum(_on_every_node(_run_engines(groups, rank * len(groups), total, config_path), world), [])
+        failed = sum(gather_objects(_run_engines(groups, rank * len(groups), total, config_path)), [])
         if failed:
             raise RuntimeError(f"generate: engine worker(s) {failed} of {total} failed; re-run to continue")
         where = f"{total} vLLM engine(s) on {world} node(s)"
     else:
-        n_chunks = _generate_chunks(cfg, out, rank, world, generator, skipped)
+        _generate_chunks(cfg, out, rank, world, generator, left_out)
         barrier()
-        _require_prompts(cfg, n_chunks, skipped)
         where = f"{world} process(es)"
     if rank == 0:
         join_parts(out, n_chunks)
@@ -129,18 +152,61 @@ def run_generate(cfg: GenerateConfig, generator: Generator | None = None) -> Pat
     return out
 
 
-def _require_prompts(cfg: GenerateConfig, n_chunks: int, skipped: Counter) -> None:
-    if n_chunks == 0:
-        raise UserError(f"{cfg.input}: no prompts to generate from"
-                        + (f" ({fmt_counts(skipped)} skipped)" if skipped else ""))
+def _validate(cfg: GenerateConfig, rank: int, world: int, skipped: Counter) -> tuple[int, set[int]]:
+    """(prompts to generate, indices of the valid records left out): every record read and
+    validated (a bad one fails, or is counted in ``skipped``), every ``world``-th rendered by
+    the chat template and measured against the model's positions on this rank. The first
+    problem (in file order, over all ranks) is one error naming its record; with
+    ``on_bad=skip`` the records are left out and counted."""
+    from ..models.loading import load_parts
+
+    loaded = load_parts(cfg.model)
+    positions = cfg.vllm.max_model_len if cfg.backend == "vllm" and cfg.vllm.max_model_len else \
+        getattr(loaded.config.get_text_config(), "max_position_embeddings", None)
+    skip = cfg.on_bad == "skip"
+    rows = islice(validated_rows(cfg.input, Prompt, skipped=skipped if skip else None), cfg.limit or None)
+    count, mine, first = 0, {}, None
+    for i, (at, prompt, _) in enumerate(rows):
+        count += 1
+        if i % world == rank and first is None and (problem := _problem(loaded.tokenizer, prompt, positions, cfg)):
+            if skip:
+                mine[i] = problem[0]
+            else:
+                first = (i, f"{at}{f' (id {prompt.id!r})' if prompt.id is not None else ''}: {problem[1]}")
+    reports = gather_objects((mine, first))
+    errors = sorted(f for _, f in reports if f is not None)
+    if errors:
+        raise UserError(errors[0][1] + " (on_bad=skip leaves such prompts out)")
+    left_out = {i: why for m, _ in reports for i, why in m.items()}
+    skipped.update(left_out.values())
+    return count - len(left_out), set(left_out)
 
 
-def _prompts(cfg: GenerateConfig, skipped: Counter | None = None) -> Iterator[Prompt]:
-    records = iter_records(cfg.input, Prompt, skipped=skipped if cfg.on_bad == "skip" else None)
-    return islice(records, cfg.limit) if cfg.limit else records
+def _problem(tokenizer, prompt: Prompt, positions: int | None, cfg: GenerateConfig) -> tuple[str, str] | None:
+    """(a short reason, the whole message) of what keeps a prompt from being sampled, or None."""
+    messages, new = prompt.messages(), cfg.sampling.max_new_tokens
+    room = f"the model's {positions} positions leave room for {max(positions - new, 0) if positions else 0} " \
+           f"with sampling.max_new_tokens={new}; shorten it or lower max_new_tokens"
+    chars = sum(len(m["content"]) for m in messages)
+    if positions and chars > positions * CHARS_PER_TOKEN:  # (more tokens than positions: not tokenized)
+        return "too long for the model", f"the prompt has {chars} characters, more tokens than {room}"
+    try:
+        tokens = len(encode_prompt(tokenizer, messages))
+    except TemplateRefused as e:
+        return "refused by the chat template", str(e)
+    if positions and tokens + new > positions:
+        return "too long for the model", f"the prompt has {tokens} tokens, and {room}"
+    return None
 
 
-def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, skipped: Counter) -> int:
+def _prompts(cfg: GenerateConfig, left_out: set[int]) -> Iterator[Prompt]:
+    """The prompts to generate from, in file order (bad records were counted by :func:`_validate`)."""
+    records = iter_records(cfg.input, Prompt, skipped=Counter() if cfg.on_bad == "skip" else None)
+    records = islice(records, cfg.limit) if cfg.limit else records
+    return (p for i, p in enumerate(records) if i not in left_out)
+
+
+def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, left_out: set[int]) -> int:
     loaded = [generator]
 
     def fn(i: int, batch: list[Prompt]) -> list[dict]:
@@ -149,7 +215,7 @@ def _generate_chunks(cfg, out: Path, rank: int, world: int, generator, skipped: 
         sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + i})
         return rollout_records(batch, loaded[0]([p.messages() for p in batch], sampling), cfg.keep_token_ids)
 
-    return process_chunks(_prompts(cfg, skipped), out, cfg.chunk_size, rank, world, fn, "generate",
+    return process_chunks(_prompts(cfg, left_out), out, cfg.chunk_size, rank, world, fn, "generate",
                           _n_prompts(cfg))
 
 
@@ -177,7 +243,7 @@ def _node_engines(vcfg: VLLMConfig, world: int) -> list[list[str]]:
         problem = None
     except UserError as e:
         groups, problem = [], str(e)
-    reports = _on_every_node((len(groups), problem), world)
+    reports = gather_objects((len(groups), problem))
     for node, (_, problem) in enumerate(reports):
         if problem:
             raise UserError(problem if world == 1 else f"node {node}: {problem}")
@@ -186,17 +252,6 @@ def _node_engines(vcfg: VLLMConfig, world: int) -> list[list[str]]:
         raise UserError(f"backend=vllm: every node must run the same number of engines, nodes 0..{world - 1} "
                         f"have {counts}; give the nodes the same GPUs or set vllm.engines")
     return groups
-
-
-def _on_every_node(value, world: int) -> list:
-    """``value`` from every rank in rank order; a collective (each rank waits for all others)."""
-    if world == 1:
-        return [value]
-    import torch.distributed as dist
-
-    values = [None] * world
-    dist.all_gather_object(values, value)
-    return values
 
 
 # what a launcher (torchrun, accelerate) tells its ranks: an engine worker is a process of its own

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from pydantic import Field
 
 from ..checks import run_check
 from ..config import Config, ModelConfig, TrainConfig, flatten, save_config
-from ..data.readers import iter_records
+from ..data.readers import iter_records, validated_rows
 from ..data.records import Prompt, Rollout
 from ..errors import UserError
 from ..evaluation.iteration import HeldOutConfig, IterationEvalConfig, run_iteration_eval
@@ -36,6 +37,7 @@ from ..manifest import write_manifest
 from ..report import ReportConfig, run_report
 from ..training.dpo import DPOConfig, DPODataConfig, ReferenceConfig, run_dpo
 from .annotate import AnnotateConfig, run_annotate
+from .chunks import locked
 from .generate import GenerateConfig, run_generate
 from .pairs import SelectConfig, build_pairs
 
@@ -94,10 +96,16 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
     out = Path(cfg.out)
     _refuse_owned_keys(cfg)
     run_check(cfg)  # template, BOS/EOS, pad and length mismatches: before the hours start
+    with locked(out):  # one loop at a time in a run folder
+        return _loop(cfg, out, after_stage)
+
+
+def _loop(cfg: LoopConfig, out: Path, after_stage: Callable[[str], None] | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _check_config(cfg, out / "config.yaml")
     write_manifest(out, cfg)
     remove_stale_temporaries(out)  # what a killed run was writing
+    pool = _check_pool(cfg.prompts, out)  # bad records and repeated ids: before the hours start
     state = RunState(out / "state.json")
     print(f"loop: {cfg.iterations} iterations, reference = {cfg.reference} "
           f"({'pi_0 = ' + cfg.policy.path if cfg.reference == 'sft' else 'previous policy'}), "
@@ -120,7 +128,7 @@ def run_loop(cfg: LoopConfig, after_stage: Callable[[str], None] | None = None) 
         d = out / f"iter_{t}"
         d.mkdir(exist_ok=True)
         ref = sft if cfg.reference == "sft" else policy
-        stage(f"iter_{t}/prompts", _slice_prompts, cfg, t, d / "prompts.jsonl")
+        stage(f"iter_{t}/prompts", _slice_prompts, cfg, t, d / "prompts.jsonl", pool)
         gen = _generate_config(cfg, policy, t, d)
         stage(f"iter_{t}/generate", _launch, cfg, "generate", gen, d / "generate.yaml",
               cfg.processes if gen.backend == "hf" else 1, gen.backend == "vllm" and bool(cfg.launcher))
@@ -183,12 +191,36 @@ def _has_gpu() -> bool:
     return torch.cuda.device_count() > 0
 
 
-def _slice_prompts(cfg: LoopConfig, t: int, path: Path) -> None:
-    """Iteration t's disjoint slice of the shuffled pool, read by streaming (memory stays flat)."""
+def _check_pool(src: PromptPoolConfig, out: Path) -> int:
+    """The pool's size, after one streamed pass that validates every record and refuses a
+    repeated id (each iteration's records are matched by id), and a check that the pool is the
+    one the run's first iteration sliced. Memory: an 8-byte id hash per prompt."""
+    import numpy as np
+
+    _same_pool(src, out / "pool.json")
+    hashes = array("q", (-1 if rec.id is None else hash(json.dumps(rec.id))
+                         for rec in iter_records(src.source, Prompt, src.split)))
+    given = np.sort(np.frombuffer(hashes, dtype=np.int64))
+    given = given[given != -1]
+    repeated = set(given[1:][given[1:] == given[:-1]].tolist())
+    seen: dict[str, str] = {}
+    for at, rec, _ in validated_rows(src.source, Prompt, src.split) if repeated else ():
+        key = json.dumps(rec.id)
+        if rec.id is not None and hash(key) in repeated:
+            if key in seen:
+                raise UserError(f"{at}: field 'id': {rec.id!r} is also the id of {seen[key]}: the ids of a "
+                                "prompt pool must be unique (the loop matches each iteration's records by id)")
+            seen[key] = at.rsplit(", ", 1)[-1]
+    return len(hashes)
+
+
+def _slice_prompts(cfg: LoopConfig, t: int, path: Path, n: int) -> None:
+    """Iteration t's disjoint slice of the shuffled pool of ``n`` prompts, read by streaming
+    (memory stays flat: an 8-byte index per prompt); the pool must still be the first one."""
     import numpy as np
 
     src = cfg.prompts
-    n = sum(1 for _ in iter_records(src.source, Prompt, src.split))
+    _same_pool(src, Path(cfg.out) / "pool.json")
     order = np.random.default_rng(cfg.seed).permutation(n)
     wanted = order[(t - 1) * src.per_iteration : t * src.per_iteration]
     if len(wanted) == 0:
@@ -202,6 +234,20 @@ def _slice_prompts(cfg: LoopConfig, t: int, path: Path) -> None:
     write_jsonl(path, picked)
     if len(wanted) < src.per_iteration:
         print(f"loop: iteration {t} gets only {len(wanted)} prompts (pool of {n})")
+
+
+def _same_pool(src: PromptPoolConfig, record: Path) -> None:
+    """The pool's identity (a file's sha256; a hub dataset's name, split and revision) as
+    iteration 1 saw it: the slices are disjoint only within one pool."""
+    from ..data.token_cache import data_identity
+
+    now = data_identity(src.source, src.split)
+    if not record.exists():
+        write_json(record, now)
+    elif read_json(record) != now:
+        raise UserError(f"prompt pool {src.source} changed since the run's first iteration sliced it (other "
+                        "contents): the iterations' slices are disjoint only within one pool; restore it, "
+                        "or start a new run (another out=)")
 
 
 def _generate_config(cfg: LoopConfig, policy: str, t: int, d: Path) -> GenerateConfig:

@@ -304,7 +304,8 @@ def tokenize_rm_pairs(cfg: RMConfig, tokenizer, rows: list[PairRow], part: str) 
 
     return tokenize_cached("rm", (source, d.split), settings, tokenizer, rows, encode, (*PAIR_FIELDS, "row"),
                            enabled=d.token_cache, progress=cfg.train.progress,
-                           noun="training pairs" if part == "train" else "held-out pairs")
+                           noun="training pairs" if part == "train" else "held-out pairs",
+                           on_bad=d.on_bad, locate=lambda i: rows[i].where)
 
 
 def _with_rows(cache: TokenCache, rows: list[PairRow]) -> Lazy:

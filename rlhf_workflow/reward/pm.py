@@ -341,4 +341,5 @@ def tokenize_comparisons(cfg: PMConfig, tokenizer, rows: list[PairRow], label_id
         return None if got is None else ((got[0],), {"label": got[1], "truncated": got[2]})
 
     return tokenize_cached("pm", (d.train, d.split), settings, tokenizer, rows, encode, ("label", "truncated"),
-                           masks=False, enabled=d.token_cache, progress=cfg.train.progress, noun="comparisons")
+                           masks=False, enabled=d.token_cache, progress=cfg.train.progress, noun="comparisons",
+                           on_bad=d.on_bad, locate=lambda i: rows[i].where)

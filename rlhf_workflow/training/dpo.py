@@ -32,7 +32,7 @@ from ..data.chat import IGNORE
 from ..data.pairs import collate_pairs, per_response, tokenize_pair
 from ..data.readers import read_records
 from ..data.records import PreferencePair
-from ..data.token_cache import PAIR_FIELDS, TokenCache, pair_example, tokenize_cached
+from ..data.token_cache import PAIR_FIELDS, TokenCache, locate_record, pair_example, tokenize_cached
 from ..distributed import barrier
 from ..errors import UserError
 from ..faults import point
@@ -187,11 +187,12 @@ def tokenize_dpo_pairs(cfg: DPOConfig, tokenizer) -> TokenCache:
     """The tokenized pairs of ``data.train``, from the token cache or tokenized once into it
     (:mod:`..data.token_cache`); the records are read only when they must be tokenized."""
     d = cfg.data
+    locate = locate_record(d.train, PreferencePair, d.split, d.on_bad)
 
     def encode(i: int, pair: PreferencePair):
         tok = tokenize_pair(tokenizer, pair, d.max_length, d.max_prompt_length)
         if tok is None and d.on_long == "error":
-            raise UserError(f"{d.train}, pair {i + 1}: a response does not fit in data.max_length="
+            raise UserError(f"{locate(i)}: a response does not fit in data.max_length="
                             f"{d.max_length} tokens (responses are never cut; data.on_long=skip skips it)")
         return None if tok is None else pair_example(tok)
 
@@ -199,7 +200,8 @@ def tokenize_dpo_pairs(cfg: DPOConfig, tokenizer) -> TokenCache:
                 "on_bad": d.on_bad}
     return tokenize_cached("dpo", (d.train, d.split), settings, tokenizer,
                            lambda: read_records(d.train, PreferencePair, d.split, d.on_bad), encode,
-                           PAIR_FIELDS, enabled=d.token_cache, progress=cfg.train.progress, noun="pairs")
+                           PAIR_FIELDS, enabled=d.token_cache, progress=cfg.train.progress, noun="pairs",
+                           on_bad=d.on_bad, locate=locate)
 
 
 def reference_logps(cfg: DPOConfig, cache: TokenCache, pad: int, out: Path, shared: bool, data: TrainData):

@@ -17,9 +17,10 @@ from pydantic import Field
 from ..config import Config, ModelConfig, OptimConfig, TrainConfig
 from ..data.batching import collate_rows
 from ..data.chat import IGNORE, Tokenized, tokenize_conversation
+from ..data.pairs import CHARS_PER_TOKEN
 from ..data.readers import read_records
 from ..data.records import SFTExample
-from ..data.token_cache import Lazy, TokenCache, tokenize_cached
+from ..data.token_cache import Lazy, TokenCache, locate_record, tokenize_cached
 from ..errors import UserError
 from ..models.loading import load_tokenizer, pad_id
 from ..models.logprobs import token_logps
@@ -52,8 +53,12 @@ class SFTConfig(Config):
 
 def tokenize_example(tokenizer, example: SFTExample, max_length: int, train_on: str) -> Tokenized | None:
     """One conversation truncated to ``max_length`` tokens (its last token then predicts
-    nothing: its next token was cut off), or None when no assistant token is left to predict."""
-    tok = tokenize_conversation(tokenizer, [m.model_dump() for m in example.messages], train_on)
+    nothing: its next token was cut off), or None when no assistant token is left to predict.
+    Each text is cut to ``max_length x CHARS_PER_TOKEN`` characters first, which holds more
+    than ``max_length`` tokens (a record of megabytes costs no more than a long one)."""
+    limit = max_length * CHARS_PER_TOKEN
+    messages = [{"role": m.role, "content": m.content[:limit]} for m in example.messages]
+    tok = tokenize_conversation(tokenizer, messages, train_on)
     tok = Tokenized(tok.input_ids[:max_length], tok.loss_mask[:max_length])
     return tok if any(tok.loss_mask[1:]) else None
 
@@ -77,7 +82,8 @@ def tokenize_cached_sft(cfg: SFTConfig, tokenizer) -> TokenCache:
     settings = {"max_length": d.max_length, "train_on": d.train_on, "on_bad": d.on_bad}
     return tokenize_cached("sft", (d.train, d.split), settings, tokenizer,
                            lambda: read_records(d.train, SFTExample, d.split, d.on_bad), encode,
-                           enabled=d.token_cache, progress=cfg.train.progress, noun="conversations")
+                           enabled=d.token_cache, progress=cfg.train.progress, noun="conversations",
+                           on_bad=d.on_bad, locate=locate_record(d.train, SFTExample, d.split, d.on_bad))
 
 
 def sft_objective(model, batch: dict) -> StepOutput:

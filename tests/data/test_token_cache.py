@@ -234,7 +234,7 @@ def test_a_bad_pair_in_the_second_rank_block_fails_every_rank_with_one_process_m
     data.write_text("\n".join(rows) + "\n")
     done = _torchrun(_dpo_args(tiny_model, data, tmp_path / "run") + ["data.on_long=error"], tmp_path / "cache")
     assert done.returncode != 0
-    assert f"{data}, pair 10: a response does not fit" in done.stdout + done.stderr
+    assert f"{data}, line 10: a response does not fit" in done.stdout + done.stderr
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
 

@@ -1,3 +1,5 @@
+import json
+import re
 import subprocess
 import sys
 
@@ -7,13 +9,25 @@ from rlhf_workflow.cli import main
 from rlhf_workflow.config import load_config
 from rlhf_workflow.data.readers import read_records
 from rlhf_workflow.data.records import Prompt, Rollout
+from rlhf_workflow.errors import UserError
 from rlhf_workflow.generation.sampling import Sample
+from rlhf_workflow.online.chunks import locked
 from rlhf_workflow.online.generate import GenerateConfig, make_generator, run_generate
 
 
 def _args(tiny_model, sandbox_data, out, *extra):
     return [f"model.path={tiny_model}", f"input={sandbox_data / 'prompts_eval.jsonl'}", f"out={out}",
             "sampling.n=3", "sampling.max_new_tokens=8", "chunk_size=7", "limit=20", *extra]
+
+
+def _crashing_at(call: int, real, calls: list):
+    """The generator ``real``, raising KeyboardInterrupt (a crash mid-stage) on its ``call``-th call."""
+    def generate(prompts, sampling):
+        calls.append(len(prompts))
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(prompts, sampling)
+    return generate
 
 
 def test_generate_cli_writes_every_prompt_once(tiny_model, sandbox_data, tmp_path):
@@ -33,17 +47,11 @@ def test_crash_mid_stage_loses_at_most_one_chunk(tiny_model, sandbox_data, tmp_p
     run_generate(cfg)
     crashing = load_config(GenerateConfig, None, _args(tiny_model, sandbox_data, tmp_path / "r.jsonl"))
     real, calls = make_generator(crashing), []
-
-    def flaky(prompts, sampling):
-        calls.append(len(prompts))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(prompts, sampling)
-
+    flaky = _crashing_at(3, real, calls)
     with pytest.raises(KeyboardInterrupt):
         run_generate(crashing, generator=flaky)
     assert sorted(p.name for p in (tmp_path / "r.jsonl.parts").iterdir()) == [
-        "chunk-000000.jsonl", "chunk-000001.jsonl", "settings.json"]
+        "chunk-000000.jsonl", "chunk-000001.jsonl", "left_out.json", "settings.json"]
     calls.clear()
     run_generate(crashing, generator=flaky)
     assert calls == [6]  # only the third chunk (prompts 14..19) was generated again
@@ -54,15 +62,8 @@ def test_parts_of_other_settings_are_never_reused_and_leftovers_are_removed(tiny
     out = tmp_path / "r.jsonl"
     cfg = load_config(GenerateConfig, None, _args(tiny_model, sandbox_data, out))
     real, calls = make_generator(cfg), []
-
-    def crash_on_second(prompts, sampling):
-        calls.append(len(prompts))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(prompts, sampling)
-
     with pytest.raises(KeyboardInterrupt):
-        run_generate(cfg, generator=crash_on_second)
+        run_generate(cfg, generator=_crashing_at(2, real, calls))
     assert (tmp_path / "r.jsonl.parts" / "chunk-000000.jsonl").exists()
     other = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"temperature": 0.5})})
     calls.clear()
@@ -330,3 +331,76 @@ def test_the_loop_launches_vllm_generation_once_per_node(tmp_path, monkeypatch):
     assert load_config(GenerateConfig, tmp_path / "generate.yaml", []) == gen and here == []
     loop._launch(SimpleNamespace(processes=8, launcher=[]), "generate", gen, tmp_path / "g.yaml", 1)
     assert here == [gen] and len(launched) == 1
+
+
+def test_a_setting_that_changes_no_rollout_keeps_finished_chunks_and_others_are_refused(tiny_model, sandbox_data,
+                                                                                        tmp_path):
+    out = tmp_path / "r.jsonl"
+    cfg = load_config(GenerateConfig, None, _args(tiny_model, sandbox_data, out))
+    real, calls = make_generator(cfg), []
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(cfg, generator=_crashing_at(2, real, calls))
+    calls.clear()
+    run_generate(cfg.model_copy(update={"on_bad": "skip"}), generator=lambda p, s: calls.append(len(p)) or real(p, s))
+    assert calls == [7, 6]  # the finished chunk was kept
+    assert main(["generate", *_args(tiny_model, sandbox_data, out)]) == 0  # the same settings: done already
+    with pytest.raises(UserError, match=r"r.jsonl exists, made with other settings \(sampling.n: 3 -> 2\); remove it"):
+        run_generate(cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"n": 2})}))
+    with pytest.raises(UserError, match=r"out=.* is a folder: give the path of the file to write"):
+        run_generate(cfg.model_copy(update={"out": str(tmp_path)}))
+
+
+def test_every_prompt_is_checked_before_any_is_sampled(tiny_model, sandbox_data, tmp_path):
+    prompts = sandbox_data / "prompts_eval.jsonl"
+    lines = prompts.read_text().splitlines()[:20]
+    long = json.dumps({"prompt": "seven " * 20_000, "id": "huge"})  # 120K characters: never tokenized
+    blank = json.dumps({"prompt": "  ", "id": "blank"})
+    data = tmp_path / "prompts.jsonl"
+    calls = []
+    spy = lambda p, s: calls.append(len(p)) or [[Sample("x", "stop", 1)] * s.n for _ in p]  # noqa: E731
+    for bad, message in ((long, r"line 21 \(id 'huge'\): the prompt has 120000 characters, more tokens than the "
+                          r"model's 512 positions"), (blank, r"line 21: field 'prompt': must not be empty")):
+        data.write_text("\n".join([*lines, bad, lines[0]]) + "\n")
+        cfg = load_config(GenerateConfig, None, [f"model.path={tiny_model}", f"input={data}",
+                                                 f"out={tmp_path / 'r.jsonl'}", "chunk_size=4", "sampling.max_new_tokens=8"])
+        with pytest.raises(UserError, match=message):
+            run_generate(cfg, generator=spy)
+        assert calls == []  # nothing was sampled
+    data.write_text("\n".join([*lines, long, blank, lines[0]]) + "\n")
+    run_generate(cfg.model_copy(update={"on_bad": "skip"}), generator=spy)
+    assert len(read_records(tmp_path / "r.jsonl", Rollout)) == 21 and sum(calls) == 21
+
+
+def test_a_second_run_on_the_same_output_is_refused(tiny_model, sandbox_data, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    with locked(out):  # another process's run (a lock is per open file, so this process counts as another)
+        assert main(["generate", *_args(tiny_model, sandbox_data, out)]) == 2
+    assert re.search(rf"error: {re.escape(str(out))} is in use by process \d+ on .*: one run at a time",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "r.jsonl.parts").exists()
+    assert main(["generate", *_args(tiny_model, sandbox_data, out)]) == 0  # the lock went with its holder
+
+
+def test_a_disk_that_fills_mid_chunk_is_one_line_and_the_rerun_continues(tiny_model, sandbox_data, tmp_path,
+                                                                         monkeypatch):
+    import errno
+    import os
+
+    cfg = load_config(GenerateConfig, None, _args(tiny_model, sandbox_data, tmp_path / "r.jsonl"))
+    real = os.fsync
+
+    def fills_up(fd):  # the disk is full when the second chunk is written
+        if len(list((tmp_path / "r.jsonl.parts").glob("chunk-*"))) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fills_up)
+    with pytest.raises(UserError, match=r"cannot write .*chunk-000001.jsonl: No space left on device"):
+        run_generate(cfg)
+    monkeypatch.setattr(os, "fsync", real)
+    parts = sorted(p.name for p in (tmp_path / "r.jsonl.parts").iterdir())
+    assert parts == ["chunk-000000.jsonl", "left_out.json", "settings.json"]  # no half-written chunk
+    run_generate(cfg)
+    full = tmp_path / "full.jsonl"
+    run_generate(cfg.model_copy(update={"out": str(full)}))
+    assert (tmp_path / "r.jsonl").read_text() == full.read_text()

@@ -1,6 +1,7 @@
 """`rlhf loop` end to end on tiny models: files, resume after failures, config changes, prompt slices."""
 
 import json
+import re
 import sys
 import tracemalloc
 
@@ -18,7 +19,14 @@ from rlhf_workflow.generation.sampling import SamplingConfig
 from rlhf_workflow.io import write_jsonl
 from rlhf_workflow.models.loading import load_model, load_tokenizer
 from rlhf_workflow.online import generate as generate_module
-from rlhf_workflow.online.loop import LoopConfig, _slice_prompts, run_loop
+from rlhf_workflow.online.chunks import locked
+from rlhf_workflow.online.loop import (
+    LoopConfig,
+    PromptPoolConfig,
+    _check_pool,
+    _slice_prompts,
+    run_loop,
+)
 
 FILES = ["prompts.jsonl", "rollouts.jsonl", "scored.jsonl", "pairs.jsonl", "metrics.json"]
 
@@ -137,21 +145,39 @@ def test_a_folder_of_another_command_is_not_a_loop_run(loop_cfg, tmp_path):
 def test_prompt_slices_stream_a_large_pool(tmp_path):
     pool = tmp_path / "pool.jsonl"
     write_jsonl(pool, ({"prompt": f"question {i}", "id": f"q{i}"} for i in range(100_000)))
-    cfg = load_config(LoopConfig, None, [f"prompts.source={pool}", "prompts.per_iteration=50", "seed=3"])
+    run = tmp_path / "run"
+    cfg = load_config(LoopConfig, None, [f"prompts.source={pool}", "prompts.per_iteration=50", "seed=3", f"out={run}"])
     tracemalloc.start()
-    _slice_prompts(cfg, 1, tmp_path / "a.jsonl")
+    n = _check_pool(cfg.prompts, run)
+    _slice_prompts(cfg, 1, tmp_path / "a.jsonl", n)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 8 * 2**20  # the pool (~100k records) is never held in memory
-    _slice_prompts(cfg, 2, tmp_path / "b.jsonl")
+    assert n == 100_000 and peak < 16 * 2**20  # the pool (~100k records, ~50 MB as objects) is never held;
+    # what is: the sha256 read buffer (8 MB) and 8 bytes a prompt
+    _slice_prompts(cfg, 2, tmp_path / "b.jsonl", n)
     a = (tmp_path / "a.jsonl").read_text().splitlines()
     b = (tmp_path / "b.jsonl").read_text().splitlines()
     assert len(a) == len(b) == 50 and not set(a) & set(b)
-    _slice_prompts(cfg, 1, tmp_path / "a2.jsonl")
+    _slice_prompts(cfg, 1, tmp_path / "a2.jsonl", n)
     assert (tmp_path / "a2.jsonl").read_text().splitlines() == a  # seeded
     cfg.prompts.per_iteration = 60_000
     with pytest.raises(UserError, match="none left for iteration 3"):
-        _slice_prompts(cfg, 3, tmp_path / "c.jsonl")
+        _slice_prompts(cfg, 3, tmp_path / "c.jsonl", n)
+    with pool.open("a") as f:  # the pool changes between iterations: its slices would overlap
+        f.write(json.dumps({"prompt": "one more", "id": "extra"}) + "\n")
+    cfg.prompts.per_iteration = 50
+    with pytest.raises(UserError, match="changed since the run's first iteration sliced it"):
+        _slice_prompts(cfg, 3, tmp_path / "c.jsonl", n)
+
+
+def test_a_pool_with_a_repeated_id_is_refused_naming_both_lines(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    write_jsonl(pool, [{"prompt": "a", "id": "p1"}, {"prompt": "b", "id": "7"}, {"prompt": "c"},
+                       {"prompt": "d", "id": "p2"}, {"prompt": "e", "id": "p1"}])
+    with pytest.raises(UserError, match=r"pool.jsonl, line 5: field 'id': 'p1' is also the id of line 1"):
+        _check_pool(PromptPoolConfig(source=str(pool)), tmp_path / "run")
+    write_jsonl(pool, [{"prompt": "a", "id": "p1"}, {"prompt": "b", "id": "7"}, {"prompt": "d", "id": "p2"}])
+    assert _check_pool(PromptPoolConfig(source=str(pool)), tmp_path / "run2") == 3
 
 
 TWO_NODES = """#!/usr/bin/env bash
@@ -234,3 +260,11 @@ def test_held_out_evaluation_every_kth_iteration(loop_cfg, tmp_path, monkeypatch
     for t in range(6):
         loop_module._evaluate(cfg, t, "policy", "sft", tmp_path / f"iter_{t}")
     assert held_out == {0: True, 1: False, 2: True, 3: False, 4: True, 5: True}
+
+
+def test_a_second_loop_on_the_same_run_folder_is_refused(loop_cfg, tmp_path):
+    out = tmp_path / "run"
+    with locked(out):  # another process's loop (a lock is per open file: this process counts as another)
+        with pytest.raises(UserError, match=rf"{re.escape(str(out))} is in use by process \d+ on .*: one run at a time"):
+            run_loop(loop_cfg(out))
+    assert not out.exists()  # it wrote nothing

@@ -7,11 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_workflow.cli import main
-from rlhf_workflow.config import load_config
+from rlhf_workflow.config import ModelConfig, load_config
 from rlhf_workflow.data.batching import collate_rows
+from rlhf_workflow.data.chat import tokenize_conversation
+from rlhf_workflow.data.pairs import CHARS_PER_TOKEN
 from rlhf_workflow.data.readers import read_records
 from rlhf_workflow.data.records import SFTExample
 from rlhf_workflow.models.loading import load_model, load_tokenizer
+from rlhf_workflow.training import sft
 from rlhf_workflow.training.sft import SFTConfig, run_sft, sft_objective, tokenize_sft
 
 
@@ -95,3 +98,18 @@ def test_sft_cli_end_to_end(tiny_model, sandbox_data, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(out / "model")
     assert AutoTokenizer.from_pretrained(out / "model").chat_template
+
+
+def test_a_huge_message_is_cut_by_characters_first_and_tokenizes_as_the_whole(tiny_model, monkeypatch):
+    tok = load_tokenizer(ModelConfig(path=str(tiny_model)))
+    words = " ".join(f"w{i % 97}" for i in range(40_000))  # ~150K characters
+    messages = [{"role": "user", "content": "Summarise."}, {"role": "assistant", "content": "ok " + words}]
+    whole = tokenize_conversation(tok, messages)
+    seen = []
+    monkeypatch.setattr(sft, "tokenize_conversation",
+                        lambda t, m, on: seen.append(max(len(x["content"]) for x in m)) or tokenize_conversation(t, m, on))
+    cut = sft.tokenize_example(tok, SFTExample(messages=messages), 256, "all")
+    assert cut.input_ids == whole.input_ids[:256] and cut.loss_mask == whole.loss_mask[:256]
+    huge = [{"role": "user", "content": "x" * 50_000_000}, {"role": "assistant", "content": "5"}]
+    assert sft.tokenize_example(tok, SFTExample(messages=huge), 256, "all") is None  # the answer lies past 256 tokens
+    assert seen == [256 * CHARS_PER_TOKEN] * 2  # what was tokenized: never the 50 MB
