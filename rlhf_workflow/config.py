@@ -182,7 +182,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = _read_yaml(p) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
@@ -197,6 +197,37 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         return cls.model_validate(_merge(cls().model_dump(), data))
     except ValidationError as e:
         raise UserError(_describe(cls, e)) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's data; a key given twice in one mapping is refused (YAML forbids it, and
+    PyYAML would keep the last value silently)."""
+    loader = yaml.SafeLoader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _refuse_repeated_keys(path, node)
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
+def _refuse_repeated_keys(path: Path, node: yaml.Node, prefix: str = "") -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(path, item, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[str, int] = {}
+    for key, value in node.value:
+        if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+            continue  # `<<: *defaults` is overridden on purpose
+        name, line = prefix + key.value, key.start_mark.line + 1
+        if name in first:
+            raise UserError(f"{path}, line {line}: key '{name}' is given twice (first on line {first[name]}); "
+                            "keep one")
+        first[name] = line
+        _refuse_repeated_keys(path, value, name + ".")
 
 
 def _merge(defaults: dict, data: dict) -> dict:

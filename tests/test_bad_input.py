@@ -2,6 +2,7 @@
 is wrong (for a record: the file, the line and the field), no traceback, and no output that
 looks finished. One table of cases through the command line, as a user meets them."""
 
+import gzip
 import json
 import re
 import shutil
@@ -28,6 +29,9 @@ GOOD = {"sft": SFT, "dpo": PAIR, "rm train": PAIR, "pm train": PAIR, "rm eval": 
 def _after_good(command, bad):
     """A file whose second line is ``bad`` (a raw string is written as it is)."""
     return [GOOD[command], bad]
+
+
+LATIN_1 = json.dumps({"prompt": "Qu'est-ce qu'un caf\u00e9 ?"}, ensure_ascii=False).encode("latin-1") + b"\n"
 
 
 # (name, command, records of the file (None: no file), extra args, message regex)
@@ -63,6 +67,15 @@ CASES = [(n, c, b if b is None or isinstance(b, list) else _after_good(c, b), e,
     ("generate: no prompts", "generate", [], [], r"no prompts to generate from"),
     ("generate: prompt too long for the model", "generate", {"prompt": "seven " * 400},
      ["sampling.max_new_tokens=200"], r"data.jsonl, line 2: the prompt has \d+ tokens, and the model.s 512 positions leave room for 312"),
+    ("generate: a Latin-1 file", "generate", LATIN_1, [],
+     r"data.jsonl, line 2: not UTF-8 text \(byte 0xe9 at byte 32 of the line; save the file as UTF-8\)"),
+    ("generate: a damaged gzip file", "generate", [gzip.compress(json.dumps(PROMPT).encode() * 50)[:40]], [],
+     r"data.jsonl: a damaged gzip file"),
+    ("generate: an image part", "generate",
+     {"prompt": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]}, [],
+     r"line 2: field 'prompt.0.content': only text parts are supported \(part 0 is 'image_url'\)"),
+    ("generate: an id that is a float", "generate", {"prompt": "q", "id": 1.5}, [],
+     r"line 2: field 'id': an id is a string or an integer, got 1.5"),
     ("annotate: no responses", "annotate", {"prompt": "q", "responses": []}, [],
      r"line 2: field 'responses': List should have at least 1 item"),
     ("pairs: no rewards", "pairs", {"prompt": "q", "responses": ["a", "b"]}, [], r"needs one reward per response"),
@@ -121,7 +134,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(name, command, bad, extra, m
                                                       broken_models, tmp_path, capsys):
     data = tmp_path / ("missing.jsonl" if bad is None else "data.jsonl")
     if bad is not None:
-        data.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in bad))
+        data.write_bytes(b"".join(r if isinstance(r, bytes) else r.encode() if isinstance(r, str)
+                                  else json.dumps(r).encode() + b"\n" for r in bad))
     out = tmp_path / "out"
     subst = {"MODEL": str(trained_rm if command == "rm eval" else tiny_model), "DATA": str(data), "OUT": str(out),
              "DATA_DIR": str(tmp_path), **{k: str(v) for k, v in broken_models.items()}}
@@ -139,21 +153,38 @@ def test_bad_input_is_one_line_exit_2_and_no_output(name, command, bad, extra, m
     assert finished == []
 
 
-def test_a_byte_order_mark_is_tolerated(tiny_model, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    data.write_bytes("\ufeff".encode() + (json.dumps(PROMPT) + "\n").encode())
-    assert main(["generate", f"model.path={tiny_model}", f"input={data}", f"out={tmp_path / 'r.jsonl'}",
-                 "sampling.n=1", "sampling.max_new_tokens=2"]) == 0
-    assert json.loads((tmp_path / "r.jsonl").read_text())["id"] == "p1"
+def test_a_byte_order_mark_gzip_text_parts_and_integer_ids_are_read(tiny_model, tmp_path):
+    """A BOM is skipped; a gzip file is read as it is; text parts are one text; an integer id
+    stays an integer in the output (7 and "7" are two ids)."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 3?"}]}]
+    records = [PROMPT, {"prompt": parts, "id": 7}, {"prompt": "What is 2 + 3?", "id": "7"}]
+    for name, data in (("prompts.jsonl", "\ufeff".encode() + json.dumps(PROMPT).encode() + b"\n"),
+                       ("prompts.jsonl.gz", gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))):
+        (tmp_path / name).write_bytes(data)
+        out = tmp_path / f"{name}.out.jsonl"
+        assert main(["generate", f"model.path={tiny_model}", f"input={tmp_path / name}", f"out={out}",
+                     "sampling.n=1", "sampling.max_new_tokens=2"]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["id"] for r in rows] == ["p1", 7, "7"][: len(rows)] and len(rows) == (1 if name.endswith("l") else 3)
+    assert rows[1]["prompt"] == [{"role": "user", "content": "What is\n2 + 3?"}]
 
 
 def test_bad_yaml_files_are_one_line(tmp_path, capsys):
-    cases = {"missing.yaml": r"config file not found", "bad.yaml": r"not valid YAML", "list.yaml": r"top level must be a mapping"}
+    cases = {"missing.yaml": r"config file not found", "bad.yaml": r"not valid YAML", "list.yaml": r"top level must be a mapping",
+             "key.yaml": r"key.yaml, line 3: key 'optim.lr' is given twice \(first on line 2\); keep one",
+             "section.yaml": r"section.yaml, line 5: key 'optim' is given twice \(first on line 1\)"}
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    (tmp_path / "key.yaml").write_text("optim:\n  lr: 1.0e-3\n  lr: 0.5\n")
+    (tmp_path / "section.yaml").write_text("optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 3\noptim:\n  warmup_ratio: 0\n")
     (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
     for name, message in cases.items():
         assert main(["sft", "--config", str(tmp_path / name)]) == 2
-        assert re.search(message, capsys.readouterr().err)
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1, err
+    # YAML's merge key overrides on purpose: not a repeated key
+    (tmp_path / "merge.yaml").write_text("optim: &o {lr: 1.0e-3}\nrm_optim:\n  <<: *o\n  lr: 2.0e-3\n")
+    assert main(["sft", "--config", str(tmp_path / "merge.yaml")]) == 2
+    assert "unknown config key 'rm_optim'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- records a chat template refuses

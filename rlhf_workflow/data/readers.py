@@ -4,13 +4,15 @@ A bad line is a :class:`UserError` naming the file, the line and the field, or w
 stage allows it (``on_bad=skip``) a skip counted by reason and reported; nothing is dropped
 silently. The rules live on the record types (:mod:`.records`), so every stage applies the same
 ones with the same message. Files are streamed, so a pool of a million prompts is never held
-twice; a UTF-8 byte-order mark is tolerated.
+twice; a UTF-8 byte-order mark is tolerated, and a gzip-compressed JSONL file read as it is.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,10 +30,10 @@ R = TypeVar("R", bound=Record)
 def iter_rows(source: str | Path, split: str = "train",
               skipped: Counter | None = None) -> Iterator[tuple[str, object]]:
     """(location such as ``"data.jsonl, line 7"``, raw row) for every row of a .jsonl/.json
-    file, a .parquet file or a hub dataset, streamed. A line that is not JSON is an error, or
+    file (or one compressed with gzip), a .parquet file or a hub dataset, streamed. A line that is not JSON is an error, or
     counted in ``skipped`` when one is given."""
     path = Path(source)
-    if path.exists() or path.suffix in (".jsonl", ".json", ".parquet"):
+    if path.exists() or path.suffix in (".jsonl", ".json", ".parquet", ".gz"):
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
         parquet = path.suffix == ".parquet"
@@ -70,8 +72,9 @@ def validated_rows(source: str | Path, kind: type[R], split: str = "train",
 
 
 def describe(err: ValidationError) -> str:
-    """``field 'chosen': must end with ...`` for the first error of a record."""
-    e = err.errors()[0]
+    """``field 'chosen': must end with ...`` for a record's first error; of the branches of a
+    union (a string or messages), the one that got furthest (``prompt.0.content``)."""
+    e = max(err.errors(), key=lambda e: len(e["loc"]))
     msg = e["msg"].removeprefix("Value error, ")
     field = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("str", "list["))) or ""
     if not field and ": " in msg:  # a record-level rule names its field first
@@ -137,18 +140,31 @@ def split_held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def _jsonl_rows(path: Path, skipped: Counter | None = None) -> Iterator[tuple[int, object]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
+    """Lines of a JSONL file, plain or gzip-compressed (told by its first bytes, whatever its
+    name), each decoded as UTF-8: a line that is not is one error naming its first bad byte."""
+    with path.open("rb") as raw:
+        packed = raw.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path) if packed else path.open("rb") as f:
+            for n, data in enumerate(f, start=1):
+                try:
+                    line = data.decode("utf-8-sig" if n == 1 else "utf-8")
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                except UnicodeDecodeError as e:
+                    problem = (f"not UTF-8 text (byte 0x{data[e.start]:02x} at byte {e.start + 1} of the line; "
+                               "save the file as UTF-8)", "not UTF-8 text")
+                except json.JSONDecodeError as e:
+                    problem = (f"not valid JSON ({e.msg})", "not valid JSON")
+                else:
+                    yield n, row
+                    continue
                 if skipped is None:
-                    raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-                skipped["not valid JSON"] += 1
-                continue
-            yield n, row
+                    raise UserError(f"{path}, line {n}: {problem[0]}")
+                skipped[problem[1]] += 1
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: a damaged gzip file ({e or 'it ends too soon'})") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:

@@ -3,7 +3,8 @@
 Formats (extra fields are ignored, so HF datasets with more columns load as they are):
 
 - SFT: ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}``
-- prompt: ``{"prompt": "..." | [messages], "id"?: "...", "meta"?: {...}}``
+- prompt: ``{"prompt": "..." | [messages], "id"?: "..." | 7, "meta"?: {...}}`` (ids are strings or
+  integers, kept as given in every output)
 - preference pair: ``{"prompt": str | [messages], "chosen": str | [messages],
   "rejected": str | [messages], "subset"?: "..."}``. The flat form (RewardBench) has strings;
   the conversational form has message lists, where ``chosen``/``rejected`` hold the assistant
@@ -15,9 +16,9 @@ Formats (extra fields are ignored, so HF datasets with more columns load as they
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -28,10 +29,34 @@ class Record(BaseModel):
 
 class Message(Record):
     role: Role
-    content: str
+    content: str  # or a list of text parts, as the OpenAI and HF chat formats write it
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        """``[{"type": "text", "text": ...}, ...]`` -> the texts joined by newlines (as vLLM
+        joins them); a part of another type is refused."""
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for k, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text parts are supported (part {k} is {kind!r})")
+            texts.append(part["text"])
+        return "\n".join(texts)
 
 
 Conversation = list[Message]
+
+
+def _id(v: Any) -> str | int:
+    if isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)):
+        return v
+    raise ValueError(f"an id is a string or an integer, got {v!r}")
+
+
+Id = Annotated[str | int, PlainValidator(_id)]  # kept as given: 7 and "7" are two ids
 
 
 class SFTExample(Record):
@@ -50,7 +75,7 @@ class SFTExample(Record):
 
 class Prompt(Record):
     prompt: str | Conversation
-    id: str | None = None
+    id: Id | None = None
     meta: dict[str, Any] | None = None
 
     _non_empty = field_validator("prompt")(classmethod(lambda cls, v: _not_blank(v)))
@@ -70,7 +95,7 @@ class PreferencePair(Record):
     chosen: str | Conversation
     rejected: str | Conversation
     subset: str | None = None
-    id: str | None = None
+    id: Id | None = None
     meta: dict[str, Any] | None = None
     sampled: bool = False
 
@@ -113,7 +138,7 @@ class Rollout(Record):
 
     prompt: str | Conversation
     responses: list[str] = Field(min_length=1)
-    id: str | None = None
+    id: Id | None = None
     meta: dict[str, Any] | None = None
     finish_reasons: list[Literal["stop", "length"]] | None = None
     num_tokens: list[int] | None = None

@@ -35,7 +35,7 @@ from ..config import Config, ModelConfig
 from ..data import readers
 from ..data.pairs import TokenizedPair
 from ..data.readers import PairRow, fmt_counts, read_pairs, validated_rows
-from ..data.records import Conversation, Record, as_messages
+from ..data.records import Conversation, Id, Record, as_messages
 from ..distributed import rank_and_world
 from ..errors import UserError
 from ..io import write_json
@@ -117,7 +117,7 @@ class BestOfNRecord(Record):
     rejected: list[str] = Field(min_length=1)
     num_correct: int | None = None
     subset: str | None = None
-    id: str | int | None = None
+    id: Id | None = None
 
     @field_validator("prompt")
     @classmethod

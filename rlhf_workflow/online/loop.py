@@ -193,11 +193,10 @@ def _has_gpu() -> bool:
 
 def _check_pool(src: PromptPoolConfig, out: Path) -> int:
     """The pool's size, after one streamed pass that validates every record and refuses a
-    repeated id (each iteration's records are matched by id), and a check that the pool is the
-    one the run's first iteration sliced. Memory: an 8-byte id hash per prompt."""
+    repeated id (each iteration's records are matched by id), then a check that the pool is the
+    one the run's first iteration sliced (a refused pool is not recorded). Memory: an 8-byte id hash per prompt."""
     import numpy as np
 
-    _same_pool(src, out / "pool.json")
     hashes = array("q", (-1 if rec.id is None else hash(json.dumps(rec.id))
                          for rec in iter_records(src.source, Prompt, src.split)))
     given = np.sort(np.frombuffer(hashes, dtype=np.int64))
@@ -211,6 +210,7 @@ def _check_pool(src: PromptPoolConfig, out: Path) -> int:
                 raise UserError(f"{at}: field 'id': {rec.id!r} is also the id of {seen[key]}: the ids of a "
                                 "prompt pool must be unique (the loop matches each iteration's records by id)")
             seen[key] = at.rsplit(", ", 1)[-1]
+    _same_pool(src, out / "pool.json")
     return len(hashes)
 
 
@@ -230,7 +230,7 @@ def _slice_prompts(cfg: LoopConfig, t: int, path: Path, n: int) -> None:
     picked: list[dict | None] = [None] * len(wanted)
     for i, rec in enumerate(iter_records(src.source, Prompt, src.split)):
         if i in slot:
-            picked[slot[i]] = {**rec.model_dump(exclude_none=True), "id": rec.id or f"pool-{i}"}
+            picked[slot[i]] = {**rec.model_dump(exclude_none=True), "id": f"pool-{i}" if rec.id is None else rec.id}
     write_jsonl(path, picked)
     if len(wanted) < src.per_iteration:
         print(f"loop: iteration {t} gets only {len(wanted)} prompts (pool of {n})")

@@ -354,20 +354,42 @@ def _texts(n: int) -> list[tuple[str, str, str]]:
              f"Let me think about it for a while. Answer: {2 * k + 3}") for k in range(n)]
 
 
+def official_v1_rows(plan) -> list[dict]:
+    """Pairs with the official v1 columns and types (``id`` an int64, the two models named)."""
+    rows, texts = [], iter(_texts(sum(n for _, n in plan)))
+    for subset, n in plan:
+        for _ in range(n):
+            p, a, b = next(texts)
+            rows.append({"prompt": p, "chosen": a if len(rows) % 3 else b, "chosen_model": "gpt-4",
+                         "rejected": b if len(rows) % 3 else a, "rejected_model": "llama-2-7b-chat",
+                         "subset": subset, "id": 30 + len(rows)})
+    return rows
+
+
+def _parquet(tmp_path: Path, rows: list[dict]) -> str:
+    """``rows`` as a parquet file typed as the hub's (``id`` int64)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    assert table.schema.field("id").type == pa.int64()
+    pq.write_table(table, tmp_path / "rb.parquet")
+    return str(tmp_path / "rb.parquet")
+
+
 def test_rm_eval_v1_equals_the_official_scorer(trained_rm, official, tmp_path, capsys):
     from rlhf_workflow.reward.bt import load_reward_model, score
 
     plan = [("alpacaeval-easy", 3), ("mt-bench-med", 1), ("llmbar-natural", 2), ("xstest-should-refuse", 2),
             ("xstest-should-respond", 3), ("math-prm", 3), ("hep-go", 1), ("hep-rust", 2), ("shp", 2)]
-    rows, texts = [], iter(_texts(sum(n for _, n in plan)))
-    for subset, n in plan:
-        for _ in range(n):
-            p, a, b = next(texts)
-            rows.append({"prompt": p, "chosen": a if len(rows) % 3 else b,
-                         "rejected": b if len(rows) % 3 else a, "subset": subset})
+    rows = official_v1_rows(plan)
     path = tmp_path / "rb.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
     ours = _eval(capsys, "rm", "eval", f"model.path={trained_rm}", "--in", str(path), "prior_sets=true")
+    parquet = _eval(capsys, "rm", "eval", f"model.path={trained_rm}", "--in", _parquet(tmp_path, rows),
+                    "prior_sets=true")
+    assert {k: parquet[k] for k in ("subsets", "sections", "overall")} == {
+        k: ours[k] for k in ("subsets", "sections", "overall")}
 
     model, tok = load_reward_model(trained_rm)
     prompts = [[{"role": "user", "content": x["prompt"]}] for x in rows]
@@ -412,6 +434,25 @@ def test_rm_eval_v2_equals_the_official_scorer(trained_rm, official, tmp_path, c
     assert ours["format"] == "v2" and ours["kind"] == "rewardbench2" and ours["missing_subsets"] == []
     assert {s: v["accuracy"] for s, v in ours["subsets"].items()} == pytest.approx(theirs)
     assert ours["overall"] == pytest.approx(np.mean(list(theirs.values())))
+
+
+def test_pm_eval_v1_reads_the_official_columns(trained_pm, tmp_path, capsys):
+    """The hub's v1 parquet (integer ids): every pair scored, each subset's accuracy the share
+    of its pairs the PM puts the chosen above the rejected in."""
+    from rlhf_workflow.reward.pm import compare, load_preference_model
+
+    rows = official_v1_rows([("alpacaeval-easy", 3), ("llmbar-natural", 2), ("donotanswer", 2)])
+    ours = _eval(capsys, "pm", "eval", f"model.path={trained_pm}", "--in", _parquet(tmp_path, rows))
+
+    model, tok = load_preference_model(trained_pm)
+    probs = compare(model, tok, [([{"role": "user", "content": x["prompt"]}], x["chosen"], x["rejected"])
+                                 for x in rows]).probs
+    wins: dict[str, list[float]] = {}
+    for x, p in zip(rows, probs, strict=True):
+        wins.setdefault(x["subset"], []).append(float(p > 0.5))  # a tie scores 0 (ties=zero)
+    assert ours["skipped_invalid"] == {} and sum(v["n"] for v in ours["subsets"].values()) == len(rows)
+    assert {s: v["accuracy"] for s, v in ours["subsets"].items()} == pytest.approx(
+        {s: sum(v) / len(v) for s, v in wins.items()})
 
 
 def test_pm_eval_v2_equals_the_official_scorer(trained_pm, official, tmp_path, capsys):

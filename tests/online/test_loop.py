@@ -176,8 +176,11 @@ def test_a_pool_with_a_repeated_id_is_refused_naming_both_lines(tmp_path):
                        {"prompt": "d", "id": "p2"}, {"prompt": "e", "id": "p1"}])
     with pytest.raises(UserError, match=r"pool.jsonl, line 5: field 'id': 'p1' is also the id of line 1"):
         _check_pool(PromptPoolConfig(source=str(pool)), tmp_path / "run")
-    write_jsonl(pool, [{"prompt": "a", "id": "p1"}, {"prompt": "b", "id": "7"}, {"prompt": "d", "id": "p2"}])
-    assert _check_pool(PromptPoolConfig(source=str(pool)), tmp_path / "run2") == 3
+    write_jsonl(pool, [{"prompt": "a", "id": 7}, {"prompt": "b", "id": "7"}, {"prompt": "c"}, {"prompt": "d", "id": 7}])
+    with pytest.raises(UserError, match=r"pool.jsonl, line 4: field 'id': 7 is also the id of line 1"):
+        _check_pool(PromptPoolConfig(source=str(pool)), tmp_path / "run")
+    write_jsonl(pool, [{"prompt": "a", "id": "p1"}, {"prompt": "b", "id": "7"}, {"prompt": "d", "id": 7}])
+    assert _check_pool(PromptPoolConfig(source=str(pool)), tmp_path / "run2") == 3  # 7 and "7": two ids
 
 
 TWO_NODES = """#!/usr/bin/env bash
