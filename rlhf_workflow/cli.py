@@ -21,6 +21,7 @@ class Command:
     config: str  # "module:Class", imported lazily so `rlhf --help` stays fast
     run: str  # "module:function"
     summary: str
+    positional: str | None = None  # the option a bare word sets (`rlhf report RUN_DIR`)
 
 
 COMMANDS: dict[str, Command] = {
@@ -55,7 +56,7 @@ COMMANDS: dict[str, Command] = {
     "check": Command("online.loop:LoopConfig", "checks:run_check",
                      "check a loop config's policy, reference and judge (BOS, stop tokens, pad, templates, lengths)"),
     "report": Command("report:ReportConfig", "report:run_report",
-                      "report.md/.html and plots of a demo or loop run directory"),
+                      "report.md/.html and plots of a demo or loop run directory", positional="run_dir"),
     "eval policy": Command("evaluation.policy:EvalPolicyConfig", "evaluation.policy:run_eval_policy",
                            "sample a policy on sandbox prompts and report the gold reward"),
     "eval iteration": Command("evaluation.iteration:IterationEvalConfig", "evaluation.iteration:run_iteration_eval",
@@ -114,7 +115,8 @@ def _command_parser(name: str, cmd: Command, want_help: bool) -> argparse.Argume
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML file with options (overrides on the command line win)")
-    p.add_argument("overrides", nargs="*", help="key=value options, e.g. optim.lr=1e-5")
+    p.add_argument("overrides", nargs="*", help="key=value options, e.g. optim.lr=1e-5"
+                   + (f" (a bare word sets {cmd.positional})" if cmd.positional else ""))
     return p
 
 
@@ -171,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[name]
     signal.signal(signal.SIGTERM, _terminate)  # a scheduler's pre-emption stops like Ctrl-C
     want_help = "-h" in rest or "--help" in rest
-    args = _command_parser(name, cmd, want_help).parse_args(_flags_to_overrides(rest))
+    args = _command_parser(name, cmd, want_help).parse_intermixed_args(_flags_to_overrides(rest))
+    bare = [i for i, o in enumerate(args.overrides) if "=" not in o]
+    if cmd.positional and len(bare) == 1:
+        args.overrides[bare[0]] = f"{cmd.positional}={args.overrides[bare[0]]}"
     try:
         from .config import load_config
 

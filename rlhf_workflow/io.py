@@ -7,6 +7,7 @@ and renamed into place, so a crash never leaves a half-written file that looks c
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -26,12 +27,13 @@ def atomic_open(path: str | Path, mode: str = "w"):
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
 
     A full disk or a folder that cannot be written is one line naming the file; what was
-    there before stays intact."""
+    there before stays intact. The file gets the permissions ``open()`` would give it."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; `open()` would honour the umask
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
@@ -45,10 +47,22 @@ def atomic_open(path: str | Path, mode: str = "w"):
         raise
 
 
+@functools.cache
+def umask() -> int:
+    """The process's umask (read once: reading it means setting it, for every thread)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def replace_dir(tmp: str | Path, out: str | Path) -> None:
     """Move the finished folder ``tmp`` to ``out`` (a sibling): a folder cannot be renamed onto a
-    non-empty one, so an existing ``out`` is moved aside first and removed after."""
+    non-empty one, so an existing ``out`` is moved aside first and removed after. The folder and
+    its files get the permissions ``mkdir`` and ``open()`` would give them (``mkdtemp`` and some
+    writers, safetensors among them, make them private to the user)."""
     tmp, out = Path(tmp), Path(out)
+    for p in [tmp, *tmp.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask())
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -49,3 +49,9 @@ def test_flag_style_options_and_console_script(tmp_path):
     assert res.returncode == 0, res.stderr
     assert sum(1 for _ in (out / "sft.jsonl").open()) == 10
     assert sum(1 for _ in (out / "prefs_train.jsonl").open()) == 5
+
+
+def test_config_goes_anywhere_among_the_overrides(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1.0e-3\n")
+    assert main(["sft", "optim.lrr=1", "--config", str(tmp_path / "c.yaml"), "train.max_steps=1"]) == 2
+    assert "error: unknown config key 'optim.lrr'" in capsys.readouterr().err

@@ -55,3 +55,21 @@ def test_replace_dir_and_stale_temporaries(tmp_path):
     (tmp_path / "keep.tmp").write_text("a user's file")
     assert io.remove_stale_temporaries(tmp_path) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "model"]
+
+
+def test_files_and_model_folders_get_the_users_umask(tmp_path):
+    """As ``open()`` and ``mkdir`` would: a colleague in the group can read what a run wrote."""
+    from rlhf_workflow.cli import main
+
+    old = os.umask(0o027)
+    io.umask.cache_clear()
+    try:
+        io.write_json(tmp_path / "a.json", {"v": 1})
+        assert main(["init-model", f"out={tmp_path / 'model'}", "vocab_size=300", "hidden_size=16",
+                     "num_layers=1"]) == 0
+    finally:
+        os.umask(old)
+        io.umask.cache_clear()
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()} == {0o640}

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from rlhf_workflow.cli import main
 from rlhf_workflow.errors import UserError
 from rlhf_workflow.report import ReportConfig, render_markdown, run_report
 
@@ -49,7 +50,7 @@ def test_without_judge_rewards_there_is_no_over_optimisation_plot():
 
 def test_a_loop_run_and_a_stage_directory(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"iterations": [SFT, _it(1, 0.25, rm=0.5)]}))
-    run_report(ReportConfig(run_dir=str(tmp_path)))
+    assert main(["report", str(tmp_path)]) == 0  # the run folder as a bare word, as the README writes it
     assert "| online iter 1 | 0.250 |" in (tmp_path / "report.md").read_text()
     stage = tmp_path / "stage"
     stage.mkdir()

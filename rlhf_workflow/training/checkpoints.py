@@ -129,6 +129,11 @@ def resume(eng: Engine, out: Path, scheduler) -> int:
         return 0
     step, path = ckpts[-1]
     state = json.loads((path / "state.json").read_text())
+    saved_by = state.get("processes", eng.world)
+    if state.get("format") == "deepspeed" and saved_by != eng.world:
+        raise UserError(f"{path} was saved by DeepSpeed on {saved_by} processes; DeepSpeed resumes a run only on "
+                        f"as many (this is {eng.world}): run it on {saved_by}, or use train.resume=restart "
+                        "(FSDP's and one process's checkpoints load on any number)")
     eng.load_state(path, state.get("format", "dcp"))
     scheduler.last_epoch = step - 1  # the schedule is a function of the step: recompute it there
     scheduler.step()

@@ -29,11 +29,21 @@ def _needs(strategy: str):
         pytest.importorskip("deepspeed")
 
 
-def torchrun(command: list[str], args: list[str]) -> str:
+def torchrun_cmd(command: list[str], args: list[str], processes: int = WORLD) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "rlhf_workflow.cli", *command, *args]
+
+
+def launch(command: list[str], args: list[str], processes: int = WORLD, kill_at: str | None = None):
+    """``rlhf <command> args`` on ``processes`` processes, killed at a fault point if asked."""
+    env = {**os.environ, "RLHF_KILL_AT": kill_at} if kill_at else None
+    return subprocess.run(torchrun_cmd(command, args, processes), capture_output=True, text=True, timeout=900,
+                          env=env)
+
+
+def torchrun(command: list[str], args: list[str], processes: int = WORLD) -> str:
     """Run ``rlhf <command> args`` on WORLD processes; its output (fails the test on an error)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "rlhf_workflow.cli", *command, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = launch(command, args, processes)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -334,11 +344,8 @@ def test_a_nonfinite_step_under_zero_says_the_update_was_applied(tiny_model, san
     """DeepSpeed steps inside its engine, so a non-finite step is applied: the run stops with one
     line that says so (not that the weights were kept)."""
     _needs("zero2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "rlhf_workflow.cli", "sft", *_sft_args(tiny_model, sandbox_data / "sft.jsonl", tmp_path / "run",
-                                                       "train.strategy=zero2", "optim.lr=1e30", "train.max_steps=4",
-                                                       "optim.max_grad_norm=0")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = launch(["sft"], _sft_args(tiny_model, sandbox_data / "sft.jsonl", tmp_path / "run", "train.strategy=zero2",
+                                     "optim.lr=1e30", "train.max_steps=4", "optim.max_grad_norm=0"))
     assert done.returncode != 0 and _world(tmp_path / "run") == WORLD
     assert "DeepSpeed applied the update (it steps inside its engine)" in done.stderr, done.stderr[-2000:]
     assert "the weights were not updated" not in done.stderr
@@ -350,20 +357,24 @@ def test_a_nonfinite_step_under_zero_says_the_update_was_applied(tiny_model, san
 @pytest.mark.parametrize("strategy", ["zero3"])
 def test_a_zero_run_killed_while_checkpointing_resumes_to_the_same_result(strategy, tiny_model, sandbox_data,
                                                                           tmp_path):
-    """Both ranks die while writing their second checkpoint (DeepSpeed's own format); the re-run
-    removes the unfinished one, resumes from the first and ends where one process ends."""
+    """Both ranks die while writing their second checkpoint (DeepSpeed's own format); a re-run
+    on one process is refused in one line (DeepSpeed resumes only on as many processes); the
+    re-run on two removes the unfinished one, resumes from the first and ends where one process ends."""
     _needs(strategy)
     args = [f"model.path={tiny_model}", f"data.train={sandbox_data / 'sft.jsonl'}", "data.max_length=128",
             "data.packing=false", "optim.lr=1e-3", "train.max_steps=8", "train.save_every=3",
             "train.global_batch_size=4", "train.micro_batch_size=2", "train.progress=false", "train.log_every=1"]
     one, out = tmp_path / "one", tmp_path / "killed"
     run_sft(load_config(SFTConfig, None, [*args, f"train.output_dir={one}"]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "rlhf_workflow.cli", "sft", *args, f"train.output_dir={out}", f"train.strategy={strategy}"]
-    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "RLHF_KILL_AT": "checkpoint:2"})
+    args += [f"train.output_dir={out}", f"train.strategy={strategy}"]
+    killed = launch(["sft"], args, kill_at="checkpoint:2")
     assert killed.returncode != 0 and (out / "checkpoints" / "step-000006.tmp").exists()
-    log = torchrun(["sft"], [*args, f"train.output_dir={out}", f"train.strategy={strategy}"])
+    refused = launch(["sft"], args, processes=1)
+    assert refused.returncode != 0 and "rlhf_workflow/" not in refused.stderr  # no frame of ours (torchrun's own
+    # report of a failed worker is a traceback of the agent)
+    assert "error: " + str(out / "checkpoints" / "step-000003") + " was saved by DeepSpeed on 2 processes; " \
+        "DeepSpeed resumes a run only on as many (this is 1)" in refused.stderr, refused.stderr[-2000:]
+    log = torchrun(["sft"], args)
     assert "resuming at step 3" in log and _world(out) == WORLD
     assert _metrics(out, "step") == list(range(1, 9))
     assert _metrics(out) == pytest.approx(_metrics(one), rel=1e-5)
@@ -379,9 +390,8 @@ def test_sharded_run_killed_with_sigkill_resumes_to_the_same_result(tiny_model, 
     one = tmp_path / "one"
     run_sft(load_config(SFTConfig, None, [*args[:-1], f"train.output_dir={one}"]))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "rlhf_workflow.cli", "sft", *args, f"train.output_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(torchrun_cmd(["sft"], [*args, f"train.output_dir={out}"]), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not (out / "checkpoints" / "step-000003" / "state.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
@@ -398,3 +408,21 @@ def test_sharded_run_killed_with_sigkill_resumes_to_the_same_result(tiny_model, 
     assert _metrics(out) == pytest.approx(_metrics(one), rel=1e-5)
     _assert_same_weights(out, one)
     assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("saved_on", [WORLD, 1])
+def test_an_fsdp_checkpoint_resumes_on_another_number_of_processes(saved_on, tiny_model, sandbox_data,
+                                                                  sft_one_rank, tmp_path):
+    """torch.distributed.checkpoint reshards on load: a run killed while writing its second
+    checkpoint on 2 processes resumes from the first on 1, one killed on 1 resumes on 2, and
+    both end where the uninterrupted run ends, no metric line lost or repeated."""
+    out = tmp_path / "run"
+    args = _sft_args(tiny_model, sandbox_data / "sft.jsonl", out, "train.save_every=4", "train.strategy=fsdp")
+    killed = launch(["sft"], args, processes=saved_on, kill_at="checkpoint:2")
+    assert killed.returncode != 0 and (out / "checkpoints" / "step-000008.tmp").exists()
+    assert json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())["processes"] == saved_on
+    log = torchrun(["sft"], args, processes=WORLD + 1 - saved_on)
+    assert "resuming at step 4" in log and _world(out) == WORLD + 1 - saved_on
+    assert _metrics(out, "step") == _metrics(sft_one_rank, "step")
+    assert _metrics(out) == pytest.approx(_metrics(sft_one_rank), rel=1e-5)
+    _assert_same_weights(out, sft_one_rank)
