@@ -173,7 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for run, title in _runs(cfg):
         _stage(title, Path(run.out) / "summary.json", run_loop, run)
     if cfg.offline:
-        _stage("offline DPO", out / "offline" / "model" / "config.json", _offline_dpo, cfg, out)
+        _stage("offline DPO", out / "offline" / "model" / "config.json", _offline_dpo, cfg, out / "data", out / "offline")
         _stage("offline DPO eval", out / "eval" / "offline.json", _evaluate, cfg, out / "offline" / "model",
                out / "eval" / "offline.json")
     summary = _summary(cfg, out)
@@ -281,22 +281,26 @@ def _gold_ordered(src: Path, dst: Path, by_skill: Path) -> None:
     write_jsonl(by_skill, ({**r, "subset": f"{r['subset']}/{r['meta']['skill']}"} for r in rows))
 
 
-def _offline_dpo(cfg: DemoConfig, out: Path) -> None:
-    """DPO from SFT on the first N fixed annotator pairs, N = what the online run labels."""
+def _offline_dpo(cfg: DemoConfig, data: Path, folder: Path) -> None:
+    """DPO from SFT on the first N fixed annotator pairs of ``data``, N = what the online run
+    labels, into ``folder`` (its pairs.jsonl and model)."""
     budget = cfg.online.iterations * cfg.online.prompts.per_iteration
-    rows = islice(iter_rows(out / "data" / "prefs_train.jsonl"), budget)
-    write_jsonl(out / "offline" / "pairs.jsonl", (row for _, row in rows))
+    rows = islice(iter_rows(data / "prefs_train.jsonl"), budget)
+    write_jsonl(folder / "pairs.jsonl", (row for _, row in rows))
     dpo = cfg.online.dpo.model_copy(deep=True)
     dpo.model.path = dpo.reference.path = cfg.online.policy.path
-    dpo.data.train = str(out / "offline" / "pairs.jsonl")
-    dpo.train.output_dir, dpo.train.seed = str(out / "offline"), cfg.seed
+    dpo.data.train = str(folder / "pairs.jsonl")
+    dpo.train.output_dir, dpo.train.seed = str(folder), cfg.seed
     run_dpo(dpo)
 
 
 def _evaluate(cfg: DemoConfig, policy: Path, path: Path) -> None:
     o = cfg.online
+    sft_gold = Path(o.out) / "iter_0" / "eval_gold.jsonl"  # (for the difference to SFT, paired by prompt)
     metrics = evaluate_iteration(str(policy), o.policy.path, o.policy, o.eval, o.annotate.annotator,
-                                 seed=o.seed, iteration_dir=None)
+                                 seed=o.seed, iteration_dir=None,
+                                 paired=(str(path.with_name(f"{path.stem}_gold.jsonl")),
+                                         str(sft_gold) if sft_gold.exists() else None))
     write_json(path, {"policy": str(policy), **metrics})
 
 

@@ -57,6 +57,13 @@ def _f(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def with_se(row: dict, key: str) -> str:
+    """``0.345 +- 0.017``: a figure and its standard error (clustered by prompt), if it has one."""
+    if row.get(key) is None:
+        return "-"
+    return _f(row[key]) + (f" +- {row[key + '_se']:.3f}" if row.get(key + "_se") is not None else "")
+
+
 def policy_rows(summary: dict) -> list[tuple[str, dict]]:
     """(name, metrics) of every evaluated policy: fixed ones, then each run's iterations."""
     rows = list(summary.get("policies", {}).items())
@@ -71,10 +78,11 @@ def render_markdown(summary: dict, plots: list[str]) -> str:
         out += ["## The paper's claims at this scale", ""]
         out += [f"- {c}" for c in summary["claims"]] + [""]
     out += ["## Policies (held-out prompts)", "",
-            "| policy | gold reward | accuracy | RM reward | length (tokens) | EOS rate | KL to SFT |",
-            "|---|---|---|---|---|---|---|"]
+            "| policy | gold reward +- se | gold - SFT's +- se | accuracy | RM reward | length (tokens) | EOS rate "
+            "| KL to SFT |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, r in policy_rows(summary):
-        out.append(f"| {name} | {_f(r.get('gold_reward'))} | {_f(r.get('accuracy'))} | "
+        out.append(f"| {name} | {with_se(r, 'gold_reward')} | {with_se(r, 'gold_vs_baseline')} | {_f(r.get('accuracy'))} | "
                    f"{_f(r.get('rm_reward'))} | {_f(r.get('mean_tokens'), '.1f')} | "
                    f"{_f(r.get('eos_rate'))} | {_f(r.get('kl'))} |")
     for run, its in summary.get("runs", {}).items():

@@ -43,6 +43,11 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     row = summary["runs"]["online"][1]
     assert row["chosen_gold"] == pytest.approx(sum(picks) / len(picks))
     assert row["best_gold"] == pytest.approx(sum(bests) / len(bests))
+    # offline DPO against SFT, paired by prompt, from each held-out prompt's gold rewards
+    gold = [[json.loads(x)["gold"] for x in f.read_text().splitlines()]
+            for f in (out / "eval" / "offline_gold.jsonl", out / "online" / "iter_0" / "eval_gold.jsonl")]
+    diffs = [sum(a) / len(a) - sum(b) / len(b) for a, b in zip(*gold, strict=True)]
+    assert summary["policies"]["offline_dpo"]["gold_vs_baseline"] == pytest.approx(sum(diffs) / len(diffs))
     assert h["annotator_gold_reasoning"] > 0.9 and 0.5 < h["annotator_gold_chat"] < 0.9  # noise, no bias
     assert len(summary["claims"]) == 6
     check_per_skill(out, summary, (("rm", "BT vs gold"), ("pm", "PM vs gold")))

@@ -20,7 +20,8 @@ def _it(t, gold, rm=None, **kw):
 
 SUMMARY = {
     "policies": {"sft": SFT, "offline_dpo": {**SFT, "gold_reward": 0.35, "kl": 0.2}},
-    "runs": {"online": [SFT, _it(1, 0.25, rm=0.5), _it(2, 0.125, rm=1.5)],
+    "runs": {"online": [SFT, _it(1, 0.25, rm=0.5), _it(2, 0.125, rm=1.5, gold_reward_se=0.0625, gold_vs_baseline=-0.175,
+                                                             gold_vs_baseline_se=0.03)],
              "online_pm_judge": [SFT, _it(1, 0.375), _it(2, 0.4375)]},
     "reward_models": {"BT vs gold": {"per_subset": {"chat": {"accuracy": 0.95}, "reasoning": {"accuracy": 0.75}},
                                      "accuracy": 0.85}},
@@ -32,8 +33,8 @@ def test_tables_carry_the_numbers_and_plots_follow_the_data(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
     run_report(ReportConfig(run_dir=str(tmp_path)))
     md = (tmp_path / "report.md").read_text()
-    assert "| online iter 2 | 0.125 | 0.500 | 1.500 | 12.0 | 1.000 | 1.000 |" in md
-    assert "| online_pm_judge iter 1 | 0.375 | 0.500 | - |" in md  # a PM gives no absolute reward
+    assert "| online iter 2 | 0.125 +- 0.062 | -0.175 +- 0.030 | 0.500 | 1.500 | 12.0 | 1.000 | 1.000 |" in md
+    assert "| online_pm_judge iter 1 | 0.375 | - | 0.500 | - |" in md  # a PM gives no absolute reward
     assert "| 2 | 92 | - | - | 0.400 | 0.700 | 3 | 4 | 5 |" in md  # the winner's curse columns
     assert "| BT vs gold | 0.950 | 0.750 | 0.850 |" in md and "- a claim" in md
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())

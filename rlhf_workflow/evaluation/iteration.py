@@ -34,12 +34,12 @@ from ..distributed import rank_and_world, run_batched, setup, to_device
 from ..faults import point
 from ..generation.hf import generate_hf
 from ..generation.sampling import Sample, SamplingConfig
-from ..io import write_json
+from ..io import write_json, write_jsonl
 from ..models.loading import load_tokenizer, pad_id
 from ..models.logprobs import response_logps
 from ..online.annotate import AnnotatorConfig, gold_rewards
 from ..training.engine import free, load_frozen
-from .policy import gold_metrics
+from .policy import gold_by_prompt, gold_metrics, paired_difference
 
 
 class HeldOutConfig(Config):
@@ -63,6 +63,11 @@ class IterationEvalConfig(Config):
         "instead of sampling here with transformers")
     iteration_dir: str | None = Field(
         None, description="the iteration's folder (scored rollouts and pairs) for its rollout statistics")
+    gold_out: str | None = Field(
+        None, description="JSONL file for each held-out prompt's gold rewards (id, one per sample), for pairing")
+    baseline: str | None = Field(
+        None, description="another policy's gold_out file (e.g. the SFT policy's): the gold reward's difference "
+        "to it, paired by prompt, with its standard error")
     out: str = Field("metrics.json", description="JSON file to write")
 
 
@@ -73,7 +78,8 @@ def run_iteration_eval(cfg: IterationEvalConfig) -> dict:
         print(f"eval iteration {cfg.iteration}: {cfg.policy.path} on held-out prompts ({cfg.eval.sampling.n} "
               f"samples each), on {world} process(es)")
     metrics = evaluate_iteration(cfg.policy.path, cfg.sft, cfg.policy, cfg.eval, cfg.annotator, cfg.seed,
-                                 Path(cfg.iteration_dir) if cfg.iteration_dir else None, cfg.rollouts)
+                                 Path(cfg.iteration_dir) if cfg.iteration_dir else None, cfg.rollouts,
+                                 (cfg.gold_out, cfg.baseline))
     result = {"iteration": cfg.iteration, "policy": cfg.policy.path, "processes": world, **metrics}
     point("eval")
     if rank == 0:
@@ -102,12 +108,15 @@ def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Samp
 
 
 def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutConfig, annotator,
-                       seed: int, iteration_dir: Path | None, rollouts: str | None = None) -> dict:
+                       seed: int, iteration_dir: Path | None, rollouts: str | None = None,
+                       paired: tuple[str | None, str | None] = (None, None)) -> dict:
+    """``paired``: (a file to write each held-out prompt's gold rewards to, another policy's such
+    file to compare with)."""
     metrics: dict = {}
     if iteration_dir is not None:
         metrics.update(_rollout_stats(iteration_dir))
     if eval_cfg.prompts:
-        metrics.update(_held_out(policy, sft, model_cfg, eval_cfg, annotator, seed, rollouts))
+        metrics.update(_held_out(policy, sft, model_cfg, eval_cfg, annotator, seed, rollouts, paired))
     return metrics
 
 
@@ -144,7 +153,7 @@ def selection_gold(gold: dict, pairs) -> dict:
 
 
 def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutConfig, annotator, seed: int,
-              rollouts: str | None) -> dict:
+              rollouts: str | None, paired: tuple[str | None, str | None]) -> dict:
     prompts = read_records(eval_cfg.prompts, Prompt)
     prompts = prompts[: eval_cfg.limit] if eval_cfg.limit else prompts
     messages = [p.messages() for p in prompts]
@@ -187,8 +196,25 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutCo
         free(rm)
     if all(p.meta and "skill" in p.meta for p in prompts):
         gold = gold_metrics(prompts, samples)
-        out.update(gold_reward=gold["gold_reward"], accuracy=gold["accuracy"], per_skill=gold["per_skill"])
+        out.update(gold_reward=gold["gold_reward"], gold_reward_se=gold["gold_reward_se"], accuracy=gold["accuracy"],
+                   per_skill=gold["per_skill"])
+        out.update(_paired(prompts, gold_by_prompt(prompts, samples), *paired))
     return out
+
+
+def _paired(prompts: list[Prompt], golds: list[list[float]], gold_out: str | None, baseline: str | None) -> dict:
+    """Write each prompt's gold rewards to ``gold_out``; the paired difference to ``baseline``'s."""
+    from ..errors import UserError
+
+    if gold_out and rank_and_world()[0] == 0:
+        write_jsonl(gold_out, ({"id": p.id, "gold": g} for p, g in zip(prompts, golds, strict=True)))
+    if not baseline:
+        return {}
+    rows = [row for _, row in iter_rows(baseline)]
+    if [r["id"] for r in rows] != [p.id for p in prompts]:
+        raise UserError(f"{baseline}: the gold rewards of other prompts than these {len(prompts)} held-out ones")
+    d = paired_difference(golds, [r["gold"] for r in rows])
+    return {"gold_vs_baseline": d["diff"], "gold_vs_baseline_se": d["se"]}
 
 
 def _read_samples(path: str, prompts: list[Prompt]) -> list[list[Sample]]:
@@ -199,6 +225,8 @@ def _read_samples(path: str, prompts: list[Prompt]) -> list[list[Sample]]:
     if len(records) != len(prompts) or any(r.token_ids is None for r in records):
         raise UserError(f"{path}: expected the {len(prompts)} held-out prompts' samples with their token ids "
                         f"(generate keep_token_ids=true); found {len(records)} rollouts")
+    if [r.id for r in records] != [p.id for p in prompts]:
+        raise UserError(f"{path}: its samples are of other prompts than {len(prompts)} held-out ones (ids differ)")
     return [[Sample(text, why, n, tuple(ids)) for text, why, n, ids in zip(
         r.responses, r.finish_reasons, r.num_tokens, r.token_ids, strict=True)] for r in records]
 

@@ -205,8 +205,9 @@ def run_rm_eval(cfg: RMEvalConfig) -> dict:
         seqs, truncated = _encode(cfg, tokenizer, [(r.pair.conversations()[0], resp) for r in rows
                                                     for resp in r.pair.conversations()[1:]])
         r = _score(cfg, model, tokenizer, seqs)
-        result = summarize([row.pair.subset for row in rows], [c - j for c, j in zip(r[::2], r[1::2], strict=True)],
-                           cfg.ties, cfg.prior_sets)
+        diffs = [c - j for c, j in zip(r[::2], r[1::2], strict=True)]
+        result = summarize([row.pair.subset for row in rows], diffs, cfg.ties, cfg.prior_sets)
+        result["loss"] = bt_loss(torch.tensor(diffs), torch.zeros(len(diffs))).mean().item()  # (held-out BT loss)
         return _report(cfg, result, source, _rm_kind(cfg), skipped, truncated)
     records, skipped = read_best_of_n(source, split, cfg.on_bad)
     model, tokenizer = load_reward_model(cfg.model, reference=cfg.reference, beta=cfg.beta)

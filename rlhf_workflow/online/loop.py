@@ -9,7 +9,7 @@ a stage). Layout::
 
     runs/NAME/config.yaml  state.json  summary.json  summary.md
     runs/NAME/iter_0/metrics.json                   (the SFT policy)
-    runs/NAME/iter_k/prompts.jsonl rollouts.jsonl scored.jsonl pairs.jsonl dpo/ metrics.json
+    runs/NAME/iter_k/prompts.jsonl rollouts.jsonl scored.jsonl pairs.jsonl dpo/ metrics.json eval_gold.jsonl
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..evaluation.iteration import HeldOutConfig, IterationEvalConfig, run_itera
 from ..faults import point
 from ..io import read_json, remove_stale_temporaries, write_json, write_jsonl, write_text
 from ..manifest import write_manifest
-from ..report import ReportConfig, run_report
+from ..report import ReportConfig, run_report, with_se
 from ..training.dpo import DPOConfig, DPODataConfig, ReferenceConfig, run_dpo
 from .annotate import AnnotateConfig, run_annotate
 from .chunks import locked
@@ -295,10 +295,13 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
             "out": str(rollouts), "limit": cfg.eval.limit, "keep_token_ids": True,
             "sampling": cfg.eval.sampling.model_copy(update={"seed": cfg.seed})})
         _launch(cfg, "generate", gen, d / "eval_generate.yaml", 1, bool(cfg.launcher))
+    sft_gold = d.parent / "iter_0" / "eval_gold.jsonl"  # (the SFT policy's, for the paired difference)
     _launch(cfg, "eval iteration", IterationEvalConfig(
         iteration=t, policy=cfg.policy.model_copy(update={"path": policy}), sft=sft, eval=held_out,
         annotator=cfg.annotate.annotator, seed=cfg.seed, rollouts=str(rollouts) if rollouts else None,
-        iteration_dir=str(d) if t > 0 else None, out=str(d / "metrics.json")), d / "eval.yaml")
+        iteration_dir=str(d) if t > 0 else None, out=str(d / "metrics.json"),
+        gold_out=str(d / "eval_gold.jsonl") if held_out.prompts else None,
+        baseline=str(sft_gold) if t > 0 and held_out.prompts and sft_gold.exists() else None), d / "eval.yaml")
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -355,14 +358,14 @@ def _one_line(row: dict) -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    head = ("| iteration | RM reward | best-of-n RM | gold reward | accuracy | length (tokens) | EOS rate "
-            "| KL to SFT | pairs | generate s | annotate s | DPO s |")
+    head = ("| iteration | RM reward | best-of-n RM | gold reward +- se | gold - SFT's +- se | accuracy "
+            "| length (tokens) | EOS rate | KL to SFT | pairs | generate s | annotate s | DPO s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         s = r.get("seconds") or {}
         lines.append(
             f"| {r['iteration']} | {_fmt(r.get('rm_reward'))} | {_fmt(r.get('rm_best_of_n'))} | "
-            f"{_fmt(r.get('gold_reward'))} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('mean_tokens'), '.1f')} | "
+            f"{with_se(r, 'gold_reward')} | {with_se(r, 'gold_vs_baseline')} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('mean_tokens'), '.1f')} | "
             f"{_fmt(r.get('eos_rate'))} | {_fmt(r.get('kl'))} | {r.get('pairs', '-')} | "
             f"{_fmt(s.get('generate'), '.0f')} | {_fmt(s.get('annotate'), '.0f')} | {_fmt(s.get('dpo'), '.0f')} |")
     return "\n".join(lines) + "\n"

@@ -1,11 +1,17 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from rlhf_workflow.cli import main
 from rlhf_workflow.data.records import Prompt
-from rlhf_workflow.evaluation.policy import default_out, gold_metrics
+from rlhf_workflow.evaluation.policy import (
+    clustered_se,
+    default_out,
+    gold_metrics,
+    paired_difference,
+)
 from rlhf_workflow.generation.sampling import Sample
 from rlhf_workflow.sandbox import gold_reward, parse_answer
 
@@ -24,6 +30,23 @@ def test_gold_metrics_hand_computed():
     assert r["eos_rate"] == pytest.approx(0.75) and r["mean_tokens"] == pytest.approx(6)
     assert r["per_skill"]["add"]["gold_reward"] == pytest.approx(0.97)
     assert r["per_skill"]["reverse"]["n"] == 2
+    # clustered by prompt: prompt means 0.97 and 0.25, their sd 0.72 / sqrt(2), over sqrt(2)
+    assert r["gold_reward_se"] == pytest.approx(0.36)
+
+
+def test_standard_errors_by_hand():
+    groups = [[1, 0], [1, 1], [0, 0]]  # prompt means 0.5, 1, 0: sd 0.5, over sqrt(3)
+    assert clustered_se(groups) == pytest.approx(0.5 / 3 ** 0.5)
+    # unequal groups: each prompt's sum of residuals from the overall mean 4/6
+    uneven = [[1], [0, 1], [1, 0, 1]]
+    m = 4 / 6
+    sums = [1 - m, (0 - m) + (1 - m), (1 - m) + (0 - m) + (1 - m)]
+    assert clustered_se(uneven) == pytest.approx((3 / 2 * sum(x * x for x in sums)) ** 0.5 / 6)
+    assert math.isnan(clustered_se([[1.0, 0.0, 1.0]]))  # one prompt: no standard error
+    # paired: per-prompt differences 0.5, 0.5, 0 -> mean 1/3, sd sqrt(1/12), over sqrt(3)
+    d = paired_difference(groups, [[0, 0], [1, 0], [0, 0]])
+    assert d["diff"] == pytest.approx(1 / 3) and d["se"] == pytest.approx((1 / 12) ** 0.5 / 3 ** 0.5)
+    assert d["prompts"] == 3
 
 
 def test_default_output_folder_is_named_after_the_model_path():
@@ -53,3 +76,18 @@ def test_eval_policy_keeps_every_sample_with_its_verdict(tiny_model, sandbox_dat
     assert metrics["gold_reward"] == pytest.approx(sum(s["gold_reward"] for s in samples) / 12)
     assert metrics["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
     assert (out / "config.yaml").is_file()
+    # against a baseline evaluation on the same prompts: the difference of prompt means, paired
+    base = tmp_path / "base"
+    base.mkdir()
+    fake = [{**x, "gold_reward": 0.25 * (i % 4)} for i, x in enumerate(samples)]
+    (base / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in fake))
+    assert main(["eval", "policy", f"model.path={tiny_model}", f"prompts={sandbox_data / 'prompts_eval.jsonl'}",
+                 "limit=6", "sampling.n=2", "sampling.max_new_tokens=8", f"baseline={base}", f"out={tmp_path / 'b'}"]) == 0
+    against = json.loads((tmp_path / "b" / "metrics.json").read_text())["against_baseline"]
+    diffs = [(samples[2 * i]["gold_reward"] + samples[2 * i + 1]["gold_reward"] - fake[2 * i]["gold_reward"]
+              - fake[2 * i + 1]["gold_reward"]) / 2 for i in range(6)]
+    assert against["diff"] == pytest.approx(sum(diffs) / 6) and against["prompts"] == 6
+    assert "(paired by prompt, 6 prompts)" in capsys.readouterr().out
+    assert main(["eval", "policy", f"model.path={tiny_model}", f"prompts={sandbox_data / 'prompts_eval.jsonl'}",
+                 "limit=5", "sampling.n=2", "sampling.max_new_tokens=8", f"baseline={base}", f"out={tmp_path / 'c'}"]) == 2
+    assert "was evaluated on other prompts (6 against 5" in capsys.readouterr().err

@@ -403,6 +403,9 @@ def test_rm_eval_v1_equals_the_official_scorer(trained_rm, official, tmp_path, c
     assert {k: v for k, v in ours["sections"].items() if k != "Prior Sets"} == pytest.approx(sections)
     assert ours["sections"]["Prior Sets"] == pytest.approx(grouped["shp"])
     assert overall is not None and ours["overall"] == pytest.approx(overall)
+    # the held-out BT loss, -log sigmoid(r_chosen - r_rejected), by hand
+    assert ours["loss"] == pytest.approx(sum(math.log1p(math.exp(b - a)) for a, b in zip(c, r, strict=True)) / len(c),
+                                         rel=1e-5)
 
 
 def test_rm_eval_v2_equals_the_official_scorer(trained_rm, official, tmp_path, capsys):

@@ -69,6 +69,13 @@ def test_two_iterations_end_to_end(full_run, sandbox_data):
                                     strict=True)]
     assert rows[2]["kl"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-5) and any(abs(r) > 1e-3 for r in ratios)
     assert {"gold_reward", "rm_reward", "eos_rate", "mean_tokens"} <= rows[2].keys()
+    # the gold figures from each prompt's gold rewards: the mean, and the difference to SFT's paired by prompt
+    gold = {t: _jsonl(out / f"iter_{t}" / "eval_gold.jsonl") for t in (0, 2)}
+    assert [g["id"] for g in gold[2]] == [g["id"] for g in gold[0]] and len(gold[2]) == 6
+    assert rows[2]["gold_reward"] == pytest.approx(sum(sum(g["gold"]) for g in gold[2]) / 12)
+    diffs = [(sum(a["gold"]) - sum(b["gold"])) / 2 for a, b in zip(gold[2], gold[0], strict=True)]
+    assert rows[2]["gold_vs_baseline"] == pytest.approx(sum(diffs) / 6)
+    assert "gold_vs_baseline" not in rows[0]
     state = json.loads((out / "state.json").read_text())["completed"]
     assert len(state) == 1 + 2 * 6
     table = (out / "summary.md").read_text()
