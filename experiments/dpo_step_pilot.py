@@ -27,11 +27,17 @@ EPOCHS = [1, 2, 4]
 SEED = 100
 
 
-def main(out: Path) -> None:
-    cfg = _with_paths(DemoConfig(seed=SEED, out=str(out)), out)
+def prepare(out: Path, **settings) -> DemoConfig:
+    """The pilot seed's demo settings (``settings`` overriding), its data and SFT model."""
+    cfg = _with_paths(DemoConfig(seed=SEED, out=str(out), **settings), out)
     _stage("sandbox data", out / "data" / "stats.json", make_data, cfg.data)
     _stage("tiny model", out / "init" / "config.json", init_model, cfg.model)
     _stage("SFT", out / "sft" / "model" / "config.json", run_sft, cfg.sft)
+    return cfg
+
+
+def main(out: Path) -> None:
+    cfg = prepare(out)
     grid = out / "grid.jsonl"
     done = {(r["lr"], r["epochs"]) for r in _rows(grid)}
     candidates = [(lr, ep) for lr in LRS for ep in EPOCHS]

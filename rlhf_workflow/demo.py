@@ -76,9 +76,9 @@ SANDBOX_PM = PMConfig(
 SANDBOX_DPO = DPOConfig(  # the loop's DPO stage; its paths are the loop's (or, offline, the demo's)
     model=ModelConfig(path=BY_LOOP), reference=ReferenceConfig(path=BY_LOOP),
     data=DPODataConfig(train=BY_LOOP, max_length=256), loss=LossConfig(beta=0.1),
-    optim=OptimConfig(lr=2e-5, warmup_ratio=0.03),
-    train=TrainConfig(output_dir=BY_LOOP, **_QUIET, epochs=2, global_batch_size=16, micro_batch_size=16,
-                      log_every=10, save_every=20),
+    optim=OptimConfig(lr=3e-4, warmup_ratio=0.03),  # lr and epochs: the pilot grid of preregistration.md
+    train=TrainConfig(output_dir=BY_LOOP, **_QUIET, epochs=4, global_batch_size=16, micro_batch_size=16,
+                      log_every=10, save_every=50),
 )
 SANDBOX_DPO_JUDGE = DPOConfig(  # judge=dpo: DPO from the judge backbone on the judge's pairs (preregistration.md)
     model=ModelConfig(path=SET), reference=ReferenceConfig(path=SET),
