@@ -1,6 +1,8 @@
 """The pilot grid of docs/preregistration.md ("a DPO step with power"): offline DPO as the demo
 trains it, at each lr x epochs, judged by its implicit reward on the annotator's held-out
-pairs (accuracy and loss against the annotator's labels; no gold number is read).
+pairs (accuracy and loss against the annotator's labels) among the candidates whose policy
+stays within 1 nat per response of SFT (KL on its own held-out samples, the amendment); no
+gold number is read.
 
     python experiments/dpo_step_pilot.py runs/pilot-dpo-step      # seed 100, premise regime
 
@@ -17,14 +19,17 @@ from pathlib import Path
 
 from rlhf_workflow.config import ModelConfig
 from rlhf_workflow.demo import DemoConfig, _offline_dpo, _stage, _with_paths
+from rlhf_workflow.evaluation.iteration import evaluate_iteration
 from rlhf_workflow.evaluation.judges import RMEvalConfig, run_rm_eval
 from rlhf_workflow.models.tiny import init_model
+from rlhf_workflow.online.annotate import AnnotatorConfig
 from rlhf_workflow.sandbox.generate import make_data
 from rlhf_workflow.training.sft import run_sft
 
 LRS = [2e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 EPOCHS = [1, 2, 4]
 SEED = 100
+KL_BUDGET = 1.0  # nats per response (the amendment)
 
 
 def prepare(out: Path, **settings) -> DemoConfig:
@@ -50,11 +55,11 @@ def main(out: Path) -> None:
         grid.open("a").write(json.dumps(_candidate(cfg, out, 1e-2, best["epochs"])) + "\n")  # the one extension
         rows = _rows(grid)
         best = _choose(rows)
-    print("| lr | epochs | accuracy vs annotator | loss | chat | reasoning | DPO s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| lr | epochs | accuracy vs annotator | loss | chat | reasoning | KL to SFT | end-of-turn | DPO s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['lr']:g} | {r['epochs']} | {r['accuracy']:.3f} | {r['loss']:.4f} | {r['chat']:.3f} | "
-              f"{r['reasoning']:.3f} | {r['seconds']:.0f} |")
+              f"{r['reasoning']:.3f} | {r['kl']:.2f} | {r['eos_rate']:.3f} | {r['seconds']:.0f} |")
     print(f"chosen: lr {best['lr']:g}, {best['epochs']} epochs")
 
 
@@ -70,14 +75,18 @@ def _candidate(cfg: DemoConfig, out: Path, lr: float, epochs: int) -> dict:
         model=ModelConfig(path=str(folder / "model")), reference=cfg.online.policy.path,
         beta=cfg.online.dpo.loss.resolved_beta, input=str(out / "data" / "prefs_test.jsonl"),
         out=str(folder / "eval.json"), max_length=cfg.online.dpo.data.max_length, progress=False))
+    o = cfg.online  # the policy as a generator: KL to SFT on its own held-out samples (its gold is not kept)
+    held = evaluate_iteration(str(folder / "model"), o.policy.path, o.policy, o.eval, AnnotatorConfig(kind="gold"),
+                              seed=o.seed, iteration_dir=None)
     return {"lr": lr, "epochs": epochs, "accuracy": result["overall"], "loss": result["loss"],
             "chat": result["subsets"]["chat"]["accuracy"], "reasoning": result["subsets"]["reasoning"]["accuracy"],
-            "seconds": seconds}
+            "kl": held["kl"], "eos_rate": held["eos_rate"], "seconds": seconds}
 
 
 def _choose(rows: list[dict]) -> dict:
-    """The highest accuracy; among those within one binomial standard error of it (500 pairs),
-    the lowest loss."""
+    """Among the candidates within the KL budget: the highest accuracy; among those within one
+    binomial standard error of it (500 pairs), the lowest loss."""
+    rows = [r for r in rows if r["kl"] <= KL_BUDGET]
     top = max(r["accuracy"] for r in rows)
     se = math.sqrt(top * (1 - top) / 500)
     return min((r for r in rows if r["accuracy"] >= top - se), key=lambda r: r["loss"])

@@ -26,7 +26,7 @@ TARGET = 0.02 / 3
 def main(out: Path) -> None:
     cfg = prepare(out)
     o = cfg.online
-    folder = out / "offline-demo-settings"
+    folder = out / f"offline-lr{o.dpo.optim.lr:g}-ep{o.dpo.train.epochs:g}"
     _stage("offline DPO (the demo's settings)", folder / "model" / "config.json", _offline_dpo, cfg, out / "data",
            folder)
     gold = AnnotatorConfig(kind="gold")  # only the gold reward is read

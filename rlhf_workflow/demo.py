@@ -1,19 +1,21 @@
 """``rlhf demo``: the whole workflow on the built-in sandbox, on a laptop CPU, resumable.
 
-1. sandbox data, a tokenizer and a tiny policy; 2. SFT; 3. a BT reward model and a
-pairwise preference model trained from the SFT model on the sandbox preference pairs (with
-``judge=dpo`` also a DPO judge), each evaluated per subset and skill; 4. offline DPO from the
-SFT model on a fixed set of annotator pairs as large as the online run labels in total;
-5. online iterative DPO (3 iterations, n = 8, max_min pairs, reference = SFT) judged by the BT
-model (or the DPO judge's implicit reward); 6. the same online run with a length penalty, with
-the gold reward as the judge (an oracle reference run that separates the loop's behaviour from
-the reward model's errors) and with the PM tournament as the judge; 7. gold evaluation of every
-policy on held-out prompts (the loop's evaluation, one code path for all); 8. ``report.md`` /
-``report.html`` with plots.
+1. sandbox data, a tokenizer and a tiny policy; 2. SFT; 3. from the SFT model, on the sandbox
+preference pairs: a BT reward model, a pairwise preference model and (``judge=dpo``, the
+default) a DPO judge, each evaluated per subset and skill; 4. offline DPO from the SFT model on
+a fixed set of annotator pairs as large as the online run labels in total; 5. online iterative
+DPO (3 iterations, n = 8, max_min pairs, reference = SFT) judged by the DPO judge's implicit
+reward (the paper's premise of a judge that prefers what gold prefers; ``judge=bt``: the BT
+model); 6. the same online run with a length penalty, and with the BT model as the judge
+(``bt_judge``: what a weak judge does), optionally with the gold reward (``gold_judge``: an
+oracle reference run) and the PM tournament (``pm_judge``) as judges; 7. gold evaluation of
+every policy on 1700 held-out prompts x 4 samples, with standard errors clustered by prompt and
+differences paired by prompt (the loop's evaluation, one code path for all); 8. ``report.md``
+/ ``report.html`` with plots.
 
 Every stage writes under ``out`` and is skipped when its output exists, so re-running the
 command continues a half-finished demo. Paths inside the stage sections are set by the demo;
-every other option can be overridden, e.g. ``rlhf demo online.dpo.optim.lr=1e-4``.
+every other option can be overridden, e.g. ``rlhf demo online.dpo.optim.lr=3e-4``.
 With ``seeds=[0,1,2]`` the demo runs once per seed (``out/seed_K``) and ``out/seeds.md``
 gives the mean and spread of the headline numbers.
 """
@@ -33,6 +35,7 @@ from .data.readers import iter_rows
 from .demo_results import aggregate, annotator_agreement, claims, headline, mean_seconds, screen
 from .evaluation.iteration import HeldOutConfig, evaluate_iteration
 from .evaluation.judges import PMEvalConfig, RMEvalConfig, run_pm_eval, run_rm_eval
+from .evaluation.policy import paired_difference
 from .generation.sampling import SamplingConfig
 from .io import write_json, write_jsonl, write_text
 from .losses import DPOLoss
@@ -76,8 +79,8 @@ SANDBOX_PM = PMConfig(
 SANDBOX_DPO = DPOConfig(  # the loop's DPO stage; its paths are the loop's (or, offline, the demo's)
     model=ModelConfig(path=BY_LOOP), reference=ReferenceConfig(path=BY_LOOP),
     data=DPODataConfig(train=BY_LOOP, max_length=256), loss=LossConfig(beta=0.1),
-    optim=OptimConfig(lr=3e-4, warmup_ratio=0.03),  # lr and epochs: the pilot grid of preregistration.md
-    train=TrainConfig(output_dir=BY_LOOP, **_QUIET, epochs=4, global_batch_size=16, micro_batch_size=16,
+    optim=OptimConfig(lr=1e-4, warmup_ratio=0.03),  # lr and epochs: the pilot grid of preregistration.md
+    train=TrainConfig(output_dir=BY_LOOP, **_QUIET, epochs=2, global_batch_size=16, micro_batch_size=16,
                       log_every=10, save_every=50),
 )
 SANDBOX_DPO_JUDGE = DPOConfig(  # judge=dpo: DPO from the judge backbone on the judge's pairs (preregistration.md)
@@ -112,7 +115,7 @@ class DemoConfig(Config):
         "0, the paper's premise); misspecified: it also pays 0.05 per word, more than gold's filler price "
         "0.02, so on chat pairs it prefers the opposite of gold (sets data.length_bias)")
     regimes: list[Regime] | None = Field(None, description="run the demo once per regime, side by side")
-    data: MakeDataConfig = MakeDataConfig(n_prefs=20000)
+    data: MakeDataConfig = MakeDataConfig(n_prefs=20000, n_eval_prompts=1700)  # (1700: preregistration.md)
     model: InitModelConfig = InitModelConfig()
     sft: SFTConfig = SANDBOX_SFT
     judge_model: InitModelConfig | None = Field(
@@ -121,17 +124,20 @@ class DemoConfig(Config):
         "demonstrations with judge_sft's settings, from which the RM and the PM start")
     judge_sft: SFTConfig = SANDBOX_SFT
     judge: Literal["bt", "dpo"] = Field(
-        "bt", description="the online loop's judge: bt = the BT reward model (the paper's); dpo = the DPO implicit "
-        "reward beta * log(pi/pi_backbone) of a policy DPO-trained from the judge backbone on the judge's pairs "
-        "(dpo_judge's settings), a judge that checks answers against the question (docs/preregistration.md)")
+        "dpo", description="the headline online loop's judge: dpo = the DPO implicit reward beta * log(pi/pi_backbone) "
+        "of a policy DPO-trained from the judge backbone on the judge's pairs (dpo_judge's settings), a judge that "
+        "checks answers against the question, the paper's premise of a strong judge (docs/preregistration.md); "
+        "bt = the BT reward model (the paper's judge, weak on the sandbox's reasoning)")
+    bt_judge: bool = Field(True, description="with judge=dpo, also run the online loop with the BT reward model as "
+                           "the judge: what a weak judge does, the contrast to the headline")
     dpo_judge: DPOConfig = SANDBOX_DPO_JUDGE
     rm: RMConfig = SANDBOX_RM
     pm: PMConfig = SANDBOX_PM
     online: LoopConfig = SANDBOX_LOOP
     length_penalty: float = Field(0.01, ge=0, description="lambda per character of the length-penalised online run")
     offline: bool = Field(True, description="train the offline DPO baseline")
-    gold_judge: bool = Field(True, description="also run the online loop with the gold reward as the judge")
-    pm_judge: bool = Field(True, description="also run the online loop with the PM (tournament) as the judge")
+    gold_judge: bool = Field(False, description="also run the online loop with the gold reward as the judge")
+    pm_judge: bool = Field(False, description="also run the online loop with the PM (tournament) as the judge")
 
     @model_validator(mode="after")
     def _dpo_judge_reads_its_loss(self) -> DemoConfig:
@@ -198,7 +204,8 @@ def _judges(cfg: DemoConfig, out: Path) -> list[tuple[str, str, RMEvalConfig | P
 
 
 def _runs(cfg: DemoConfig) -> list[tuple[LoopConfig, str]]:
-    """The online runs: the BT judge; with a length penalty; the gold reward and the PM as judges."""
+    """The online runs: the headline judge; with a length penalty; the BT model (with judge=dpo), the
+    gold reward and the PM as judges."""
     out = Path(cfg.out)
 
     def variant(name: str, fn) -> LoopConfig:
@@ -210,6 +217,12 @@ def _runs(cfg: DemoConfig) -> list[tuple[LoopConfig, str]]:
     runs = [(cfg.online, "online iterative DPO"),
             (variant("online_length_penalty", lambda r: setattr(r.select, "length_penalty", cfg.length_penalty)),
              f"online iterative DPO, length penalty {cfg.length_penalty}/char")]
+    if cfg.judge == "dpo" and cfg.bt_judge:
+        def bt(r: LoopConfig) -> None:
+            r.annotate.annotator = r.annotate.annotator.model_copy(update={
+                "kind": "bt", "path": str(out / "rm" / "model"), "max_length": cfg.rm.data.max_length,
+                "reference": None})
+        runs.append((variant("online_bt_judge", bt), "online iterative DPO, BT reward model as the judge (contrast)"))
     if cfg.gold_judge:
         def gold(r: LoopConfig) -> None:
             r.annotate.annotator = r.annotate.annotator.model_copy(update={"kind": "gold", "reference": None})
@@ -331,10 +344,19 @@ def _summary(cfg: DemoConfig, out: Path) -> dict:
     cost = {"comparisons_per_prompt": rank(lambda m: [0.5] * len(m), [n], cfg.online.annotate.annotator.pm_mode)[0]
             .n_calls // 2, "annotate_seconds_per_iteration": seconds}
     summary = {"seed": cfg.seed, "regime": cfg.regime, "judge": cfg.judge, "length_bias": cfg.data.length_bias,
-               "policies": policies, "runs": runs, "reward_models": judges, "judge_skills": skills, "judge_cost": cost}
+               "policies": policies, "runs": runs, "reward_models": judges, "judge_skills": skills, "judge_cost": cost,
+               "online_vs_offline": _online_vs_offline(cfg, out)}
     summary["headline"] = headline(summary)
     summary["claims"] = claims(summary["headline"], cfg.judge.upper())
     return summary
+
+
+def _online_vs_offline(cfg: DemoConfig, out: Path) -> dict | None:
+    """The last online iteration's gold reward minus the offline DPO's, paired by held-out prompt."""
+    files = (Path(cfg.online.out) / f"iter_{cfg.online.iterations}" / "eval_gold.jsonl", out / "eval" / "offline_gold.jsonl")
+    if not all(f.exists() for f in files):
+        return None
+    return paired_difference(*([row["gold"] for _, row in iter_rows(f)] for f in files))
 
 
 def _run_name(cfg: DemoConfig, folder: str) -> str:

@@ -33,6 +33,7 @@ def headline(summary: dict) -> dict:
     h = {"gold_sft": pol["sft"].get("gold_reward"), "gold_offline": off.get("gold_reward")}
     h.update({f"gold_online_iter{r['iteration']}": r.get("gold_reward") for r in runs["online"][1:]})
     h.update(gold_online=online.get("gold_reward"), gold_online_lp=lp.get("gold_reward"),
+             gold_online_bt_judge=last.get("online_bt_judge", {}).get("gold_reward"),
              gold_online_gold_judge=last.get("online_gold_judge", {}).get("gold_reward"),
              gold_online_pm_judge=last.get("online_pm_judge", {}).get("gold_reward"),
              accuracy_sft=pol["sft"].get("accuracy"), accuracy_offline=off.get("accuracy"),
@@ -41,6 +42,14 @@ def headline(summary: dict) -> dict:
              tokens_online=online.get("mean_tokens"), tokens_online_lp=lp.get("mean_tokens"),
              chars_sft=pol["sft"].get("mean_chars"), chars_online=online.get("mean_chars"),
              chars_online_lp=lp.get("mean_chars"))
+    # standard errors (clustered by prompt) and differences paired by prompt: to SFT, online to offline
+    h.update(gold_sft_se=pol["sft"].get("gold_reward_se"), gold_online_se=online.get("gold_reward_se"),
+             online_minus_sft=online.get("gold_vs_baseline"), online_minus_sft_se=online.get("gold_vs_baseline_se"),
+             offline_minus_sft=off.get("gold_vs_baseline"), offline_minus_sft_se=off.get("gold_vs_baseline_se"),
+             bt_judge_minus_sft=last.get("online_bt_judge", {}).get("gold_vs_baseline"),
+             bt_judge_minus_sft_se=last.get("online_bt_judge", {}).get("gold_vs_baseline_se"))
+    paired = summary.get("online_vs_offline") or {}
+    h.update(online_minus_offline=paired.get("diff"), online_minus_offline_se=paired.get("se"))
     picks = [r for r in runs["online"][1:] if r.get("chosen_gold") is not None]
     if picks:
         h["pick_gold_online"] = statistics.mean(r["chosen_gold"] for r in picks)
@@ -66,15 +75,26 @@ def claims(h: dict, judge: str = "BT") -> list[str]:
     def have(*keys: str) -> bool:
         return all(h.get(k) is not None for k in keys)
 
-    if have("gold_sft", "gold_offline", "gold_online"):
-        ok = h["gold_online"] > h["gold_offline"] > h["gold_sft"]
-        out.append(f"online > offline > SFT on gold reward: {yes(ok)} (SFT {h['gold_sft']:.3f}, "
-                   f"offline DPO {h['gold_offline']:.3f}, online iterative DPO {h['gold_online']:.3f})")
+    def gap(key: str) -> str:
+        return f"{h[key]:+.3f} +- {h[key + '_se']:.3f}"
+
+    if have("gold_sft", "gold_offline", "gold_online", "online_minus_offline_se", "offline_minus_sft_se"):
+        gaps = [(h[k], h[k + "_se"]) for k in ("online_minus_offline", "offline_minus_sft")]
+        verdict = ("reproduces, each gap over two standard errors" if all(d > 2 * se for d, se in gaps) else
+                   "holds in the mean, within two standard errors" if all(d > 0 for d, _ in gaps) else
+                   "does NOT reproduce")
+        out.append(f"online > offline > SFT on gold reward ({judge} judge): {verdict} (SFT {h['gold_sft']:.3f}, "
+                   f"offline DPO {h['gold_offline']:.3f}, online iterative DPO {h['gold_online']:.3f}; paired by "
+                   f"prompt: online - offline {gap('online_minus_offline')}, offline - SFT {gap('offline_minus_sft')})")
     if have("chars_online", "chars_online_lp", "gold_online_lp"):
         cut = 1 - h["chars_online_lp"] / h["chars_online"]
         out.append(f"a length penalty cuts length at a small gold cost: length {-cut:+.0%} "
                    f"({h['chars_online']:.0f} -> {h['chars_online_lp']:.0f} chars), gold "
                    f"{h['gold_online']:.3f} -> {h['gold_online_lp']:.3f}")
+    if have("gold_sft", "gold_online_bt_judge", "bt_judge_minus_sft_se", "online_minus_sft_se"):
+        out.append(f"what a weak judge does: the same loop with the BT reward model as the judge ends at gold "
+                   f"{h['gold_online_bt_judge']:.3f}, {gap('bt_judge_minus_sft')} against SFT, where the {judge} "
+                   f"judge's ends at {h['gold_online']:.3f}, {gap('online_minus_sft')} (paired by prompt)")
     if have("gold_sft", "gold_online_gold_judge"):
         out.append(f"with the gold reward as the judge, online iterative DPO raises the gold reward: "
                    f"{yes(h['gold_online_gold_judge'] > h['gold_sft'])} (SFT {h['gold_sft']:.3f} -> "
@@ -101,15 +121,16 @@ def screen(summary: dict) -> str:
     h = summary["headline"]
     rows = [("SFT", h["gold_sft"], summary["policies"]["sft"].get("mean_tokens")),
             ("offline DPO", h["gold_offline"], (summary["policies"].get("offline_dpo") or {}).get("mean_tokens")),
-            ("online iterative DPO", h["gold_online"], h["tokens_online"]),
+            (f"online, {summary.get('judge', 'bt').upper()} judge", h["gold_online"], h["tokens_online"]),
             ("online + length penalty", h["gold_online_lp"], h["tokens_online_lp"]),
+            ("online, BT judge", h.get("gold_online_bt_judge"), None),
             ("online, gold judge", h.get("gold_online_gold_judge"), None),
             ("online, PM judge", h.get("gold_online_pm_judge"), None)]
     lines = [f"regime: {summary['regime']}", f"{'policy':<26} {'gold reward':>11} {'tokens':>7}"]
     lines += [f"{n:<26} {'-' if g is None else f'{g:.3f}':>11} {'-' if t is None else f'{t:.1f}':>7}"
-              for n, g, t in rows]
+              for n, g, t in rows if g is not None]
     hint = (["", "the same with a judge that checks answers against the question (the paper's premise of a strong "
-             "judge): rlhf demo judge=dpo (README, 'The strong judge')"] if summary.get("judge") == "bt" else [])
+             "judge): rlhf demo judge=dpo, the default"] if summary.get("judge") == "bt" else [])
     return "\n".join(lines + [""] + [f"- {c}" for c in summary["claims"]] + hint)
 
 

@@ -77,8 +77,8 @@ def test_mixed_precision_no_unquoted_on_the_command_line_and_in_yaml(tmp_path):
 def test_the_demo_dpo_judge_needs_a_loss_whose_reward_it_reads():
     from rlhf_workflow.demo import DemoConfig
 
-    assert load_config(DemoConfig, None, ["judge=dpo", "dpo_judge.loss.kind=hinge"]).judge == "dpo"
-    assert load_config(DemoConfig, None, ["dpo_judge.loss.kind=simpo"]).judge == "bt"  # (not used)
+    assert load_config(DemoConfig, None, ["dpo_judge.loss.kind=hinge"]).judge == "dpo"  # the default
+    assert load_config(DemoConfig, None, ["judge=bt", "dpo_judge.loss.kind=simpo"]).judge == "bt"  # (not used)
     for bad in (["dpo_judge.loss.kind=simpo"], ["dpo_judge.loss.average_logps=true"]):
         with pytest.raises(UserError, match="dpo_judge.loss.kind must be sigmoid or hinge"):
-            load_config(DemoConfig, None, ["judge=dpo", *bad])
+            load_config(DemoConfig, None, bad)
