@@ -88,7 +88,7 @@ def claims(h: dict, judge: str = "BT") -> list[str]:
                    f"prompt: online - offline {gap('online_minus_offline')}, offline - SFT {gap('offline_minus_sft')})")
     if have("chars_online", "chars_online_lp", "gold_online_lp"):
         cut = 1 - h["chars_online_lp"] / h["chars_online"]
-        out.append(f"a length penalty cuts length at a small gold cost: length {-cut:+.0%} "
+        out.append(f"with a length penalty: length {-cut:+.0%} "
                    f"({h['chars_online']:.0f} -> {h['chars_online_lp']:.0f} chars), gold "
                    f"{h['gold_online']:.3f} -> {h['gold_online_lp']:.3f}")
     if have("gold_sft", "gold_online_bt_judge", "bt_judge_minus_sft_se", "online_minus_sft_se"):

@@ -43,7 +43,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert h["online_minus_offline"] == pytest.approx(mean_diff(last, offline))
     assert h["annotator_gold_reasoning"] > 0.9 and 0.5 < h["annotator_gold_chat"] < 0.9  # noise, no bias
     assert [c.split(":")[0] for c in summary["claims"]] == [
-        "online > offline > SFT on gold reward (DPO judge)", "a length penalty cuts length at a small gold cost",
+        "online > offline > SFT on gold reward (DPO judge)", "with a length penalty",
         "what a weak judge does", "the PM is the better judge on reasoning (against gold)", "winner's curse"]
     check_per_skill(out, summary, (("rm", "BT vs gold"), ("pm", "PM vs gold"), ("dpo_judge", "DPO vs gold")))
     assert "per skill" in report and "reasoning/add" in report
