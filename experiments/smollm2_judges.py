@@ -31,7 +31,7 @@ BATCH = ["train.global_batch_size=16", "train.micro_batch_size=8", "optim.warmup
 
 def main(out: Path, with_gold: bool) -> None:
     data, sft, rm, dpo = out / "data", out / "sft", out / "rm", out / "dpo-judge"
-    step(data / "stats.json", "sandbox", "make-data", f"out={data}")
+    step(data / "stats.json", "sandbox", "make-data", f"out={data}", "length_bias=0")  # the premise regime
     step(sft / "model" / "config.json", "sft", f"model.path={MODEL}", f"data.train={data / 'sft.jsonl'}",
          "data.max_length=512", "optim.lr=1e-4", "train.max_steps=40", "train.global_batch_size=1",
          "train.micro_batch_size=1", "train.log_every=5", f"train.output_dir={sft}")
