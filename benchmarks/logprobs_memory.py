@@ -3,7 +3,9 @@
 The part of a training step this measures: final hidden states (tokens x hidden) -> LM head ->
 fp32 log-softmax -> the targets' log-probs, forward and backward. The naive version
 materialises (tokens x vocab) logits, their fp32 log-softmax and its gradient; ours
-(``rlhf_workflow.models.logprobs.head_logps``) holds one chunk of logits at a time.
+(``rlhf_workflow.models.logprobs.head_logps``) holds one chunk of logits at a time, either in
+one head call with the chunks looped inside it (``chunked``: a plain linear head) or one head
+call per chunk under activation checkpointing (``per_chunk``: the path a wrapped head takes).
 Each variant runs in a fresh process; peak memory is the growth of the process's
 high-water mark (RSS) over what the inputs and the head already take.
 
@@ -30,10 +32,14 @@ def run(variant: str, vocab: int, hidden: int, tokens: int) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
+    class Wrapped(torch.nn.Linear):  # a head with a forward of its own, as a LoRA layer
+        def forward(self, x):
+            return super().forward(x)
+
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+            self.lm_head = (Wrapped if variant == "per_chunk" else torch.nn.Linear)(hidden, vocab, bias=False)
             self.config = LlamaConfig(vocab_size=vocab, hidden_size=hidden)
 
         def get_output_embeddings(self):
@@ -66,19 +72,21 @@ def main() -> None:
         print(json.dumps(run(a.variant, a.vocab, a.hidden, a.tokens)))
         return
     rows = {}
-    for variant in ("naive", "chunked"):
+    for variant in ("naive", "chunked", "per_chunk"):
         out = subprocess.run([sys.executable, __file__, "--variant", variant, "--vocab", str(a.vocab),
                               "--hidden", str(a.hidden), "--tokens", str(a.tokens)],
                              capture_output=True, text=True, check=True)
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    n, c = rows["naive"], rows["chunked"]
+    n, c, k = rows["naive"], rows["chunked"], rows["per_chunk"]
     print(f"vocab {a.vocab}, hidden {a.hidden}, {a.tokens} target tokens, forward + backward")
-    print(f"{'':8} {'peak MiB':>9} {'seconds':>8} {'loss':>14} {'grad norm':>10}")
-    for v in (n, c):
-        print(f"{v['variant']:8} {v['peak_extra_mib']:>9} {v['seconds']:>8} {v['loss']:>14.2f} {v['grad_norm']:>10.4f}")
+    print(f"{'':9} {'peak MiB':>9} {'seconds':>8} {'loss':>14} {'grad norm':>10}")
+    for v in (n, c, k):
+        print(f"{v['variant']:9} {v['peak_extra_mib']:>9} {v['seconds']:>8} {v['loss']:>14.2f} {v['grad_norm']:>10.4f}")
     print(f"memory ratio naive / chunked: {n['peak_extra_mib'] / max(c['peak_extra_mib'], 1):.1f}x, "
           f"time ratio chunked / naive: {c['seconds'] / n['seconds']:.2f}x, "
-          f"loss difference {abs(n['loss'] - c['loss']) / abs(n['loss']):.1e} (relative)")
+          f"loss difference {abs(n['loss'] - c['loss']) / abs(n['loss']):.1e} (relative); "
+          f"per-chunk calls / one call: time {k['seconds'] / c['seconds']:.2f}x, memory "
+          f"{k['peak_extra_mib'] / max(c['peak_extra_mib'], 1):.2f}x")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ The one primitive behind SFT's loss, DPO's log-probs, the reference pass and the
 evaluation. A causal LM's forward runs as usual up to its final hidden states; the LM head is
 then applied only at positions that have a target, a chunk of positions at a time, each
 chunk's fp32 log-softmax reduced to the target's log-probability at once. In training every
-chunk is recomputed in the backward pass (activation checkpointing), so at most one chunk of
-logits is alive at any time: with a 128K vocabulary and 64K target tokens a step holds 256 MiB
-of logits instead of 32 GiB.
+chunk is recomputed in the backward pass, so at most one chunk of logits is alive at any time:
+with a 128K vocabulary and 64K target tokens a step holds 256 MiB of logits instead of 32 GiB.
+A plain linear head is called once per micro-batch with the chunks looped inside it (its
+gradient written by hand), so a sharded head (ZeRO-3, FSDP2) is gathered once, not per chunk.
 
 How the hidden states are taken: a pre-hook on the output embedding (the LM head) keeps its
 input and hands the head an empty slice, so the model's own forward (under any wrapper: DDP,
@@ -17,6 +18,8 @@ soft-capping, Cohere's logit scale) are applied here too.
 """
 
 from __future__ import annotations
+
+from contextlib import ExitStack
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -75,29 +78,98 @@ def final_hidden(model, inputs: dict, keep: int) -> torch.Tensor:
 
 
 def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log-softmax(head(hidden))[target] for N positions, (N, H) x (N,) -> (N,) fp32, in chunks."""
+    """log-softmax(head(hidden))[target] for N positions, (N, H) x (N,) -> (N,) fp32, in chunks.
+
+    A plain linear head is called once for all N positions, the chunks looped inside it (forward
+    and backward by hand, :class:`_ChunkedHead`): under ZeRO-3 or a sharded head the weight is
+    gathered once per micro-batch, not per chunk, and no chunk is run a third time to recompute
+    it. Any other head (a LoRA-wrapped one) runs per chunk under activation checkpointing."""
     inner = _inner(model)
     head = inner.get_output_embeddings()
     config = inner.config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    cap = getattr(config, "final_logit_softcapping", None)
+    post = (getattr(config, "logit_scale", None), getattr(config, "final_logit_softcapping", None))
     chunk = max(1, CHUNK_BYTES // (4 * (getattr(head, "out_features", None) or config.vocab_size)))
+    if not len(hidden):  # no target here: nothing to compute, the graph kept whole
+        return hidden.sum(-1).float()
+    if isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward:  # FSDP's subclass too
+        def fused(h: torch.Tensor) -> torch.Tensor:
+            return _ChunkedHead.apply(h, head.weight, head.bias, targets, chunk, post)
+
+        head.forward = fused  # through the module call, so the wrappers' gather hooks run once
+        try:
+            return head(hidden)
+        finally:
+            del head.forward
 
     def logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        if scale is not None:
-            logits = logits * scale
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
+        logits = _post(head(h).float(), *post)[0]
         return logits.gather(-1, t[:, None])[:, 0] - logits.logsumexp(-1)
 
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    if not len(hidden):  # no target here: nothing to compute, the graph kept whole
-        return hidden.sum(-1).float()
     parts = [checkpoint(logps, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
              if grad else logps(hidden[i : i + chunk], targets[i : i + chunk])
              for i in range(0, len(hidden), chunk)]
     return torch.cat(parts)
+
+
+def _post(logits: torch.Tensor, scale: float | None, cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-head transformations (Cohere's logit scale, Gemma's final soft-capping) of fp32
+    logits, and their derivative as a factor (1 where there is none)."""
+    slope = torch.ones((), device=logits.device)
+    if scale is not None:
+        logits, slope = logits * scale, slope * scale
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+        slope = slope * (1 - (logits / cap) ** 2)
+    return logits, slope
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """log-softmax(post(h @ W.T + b))[t] a chunk of rows at a time: one fp32 chunk of logits alive,
+    recomputed once in the backward. Matmuls run in the ambient autocast dtype, as the head's own
+    would."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, post):
+        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        ctx.chunk, ctx.post = chunk, post
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(hidden), chunk):
+            logits = _post(torch.nn.functional.linear(hidden[i : i + chunk], weight, bias).float(), *post)[0]
+            out[i : i + chunk] = logits.gather(-1, targets[i : i + chunk, None])[:, 0] - logits.logsumexp(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        with _autocast(ctx.autocast):
+            grad_h = torch.empty_like(hidden)
+            # in the weight's dtype, as autograd would accumulate the chunks (no fp32 copy of a bf16 head)
+            grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+            grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+            for i in range(0, len(hidden), ctx.chunk):
+                h, t, g = hidden[i : i + ctx.chunk], targets[i : i + ctx.chunk], grad_out[i : i + ctx.chunk]
+                raw = torch.nn.functional.linear(h, weight, bias)
+                logits, slope = _post(raw.float(), *ctx.post)
+                d = -torch.softmax(logits, -1) * g[:, None]  # d out / d logits, times the incoming grad
+                d[torch.arange(len(t), device=d.device), t] += g
+                d = (d * slope).to(raw.dtype)
+                grad_h[i : i + ctx.chunk] = d @ weight.to(raw.dtype)
+                if grad_w is not None:
+                    grad_w += (d.T @ h.to(raw.dtype)).to(grad_w.dtype)
+                if grad_b is not None:
+                    grad_b += d.sum(0).to(grad_b.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _autocast(states) -> ExitStack:
+    """Re-enter the forward's autocast state (backward runs outside it)."""
+    stack = ExitStack()
+    for device, enabled, dtype in states:
+        if enabled:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+    return stack
 
 
 def _inner(model):
