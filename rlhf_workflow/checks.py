@@ -37,7 +37,7 @@ from .errors import UserError
 from .models.loading import Loaded, load_parts
 
 if TYPE_CHECKING:
-    from .online.loop import LoopConfig
+    from .online.config import LoopConfig
 
 Level = Literal["error", "warning", "note"]
 USER, REPLY, USER2, REPLY2, SYSTEM = "Ping 17?", "Pong 17.", "Ping 23?", "Pong 23.", "Rules 5."

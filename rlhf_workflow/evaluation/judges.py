@@ -1,8 +1,8 @@
 """How good a judge is: ``rlhf rm eval`` / ``rlhf pm eval`` (a BT reward model, a DPO model's
 implicit reward, or a pairwise preference model on RewardBench v1 pairs or v2 best-of-4, or any
-pair file, scored as the official leaderboards do; the rules are in :mod:`.rewardbench`), and
-the held-out evaluation the judge trainers run (:func:`evaluate_bt`, :func:`evaluate_pm`),
-which counts the same way.
+pair file, scored as the official leaderboards do; the rules are in :mod:`.rewardbench`). The
+held-out evaluation the judge trainers run counts pairs the same way
+(:mod:`rlhf_workflow.reward.metrics`).
 
 The format follows the records (``format=auto``): ``chosen`` / ``rejected`` as strings (or
 conversations) are v1 pairs; lists of strings are v2 best-of-n records. Without ``--in`` the
@@ -15,15 +15,12 @@ hub's ``allenai/reward-bench`` (``filtered``) or, with ``format=v2``,
   (``pm_mode``: round robin by default, or the loop's knockout tournament; the Ties subset is
   always ranked by round robin, as its formula needs every response's score).
 
-A table goes to the terminal, the full result to JSON. (One module for all of a judge's
-evaluation, about 380 lines: the commands and the trainers' held-out evaluation count pairs
-the same way, so they stay together.)
+A table goes to the terminal, the full result to JSON.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
@@ -33,8 +30,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import Config, ModelConfig
 from ..data import readers
-from ..data.pairs import TokenizedPair
-from ..data.readers import PairRow, fmt_counts, read_pairs, validated_rows
+from ..data.readers import fmt_counts, read_pairs, validated_rows
 from ..data.records import Conversation, Id, Record, as_messages
 from ..distributed import rank_and_world
 from ..errors import UserError
@@ -46,14 +42,11 @@ from ..reward.encoding import encode
 from ..reward.pm import compare, load_preference_model
 from ..reward.ranking import rank_with_pm
 from .rewardbench import (
-    NO_SUBSET,
     PRIOR_SECTION,
     SECTIONS,
     Scored,
     is_ties,
-    pair_credit,
     rewardbench2_scores,
-    subset_accuracy,
     summarize,
     ties_key,
 )
@@ -349,39 +342,3 @@ def _table_v2(result: dict) -> str:
 
 
 # --------------------------------------------------------------------------- held-out evaluation
-
-
-def evaluate_bt(model, pairs: list[tuple[PairRow, TokenizedPair]], pad: int, batch_size: int = 32) -> dict:
-    """A BT reward model's held-out loss and accuracy, overall and per subset (every rank
-    scores its share)."""
-    was_training = model.training
-    model.eval()
-    seqs = [tok.chosen for _, tok in pairs] + [tok.rejected for _, tok in pairs]
-    r = torch.tensor(score_tokenized(model, seqs, pad, batch_size, shard=True), dtype=torch.float64)
-    model.train(was_training)
-    n = len(pairs)
-    margins = torch.tensor([row.margin for row, _ in pairs], dtype=torch.float64)
-    loss = bt_loss(r[:n], r[n:], margins).mean().item()
-    return {"loss": loss, **_accuracies([row.pair.subset for row, _ in pairs], (r[:n] - r[n:]).tolist())}
-
-
-def evaluate_pm(model, tokenizer, rows: list[PairRow], max_length: int, batch_size: int = 32) -> dict:
-    """A preference model's held-out loss and accuracy overall and per subset, plus its mean
-    ``P(A)`` over both orders (``p_first``: 0.5 for a model without position bias)."""
-    was_training = model.training
-    items = [(prompt, chosen[-1]["content"], rejected[-1]["content"])
-             for prompt, chosen, rejected in (row.pair.conversations() for row in rows)]
-    c = compare(model, tokenizer, items, batch_size, max_length, shard=True)
-    model.train(was_training)
-    p = c.first  # chosen shown first (answer A), then second (answer B)
-    nll = [-math.log(max(p[2 * i], 1e-12)) - math.log(max(1 - p[2 * i + 1], 1e-12)) for i in range(len(rows))]
-    return {"loss": sum(nll) / (2 * len(rows)), "p_first": sum(p) / len(p),
-            **_accuracies([row.pair.subset for row in rows], [q - 0.5 for q in c.probs])}
-
-
-def _accuracies(subsets: list[str | None], diffs: list[float]) -> dict:
-    """``accuracy`` (a tie counts 0, as RewardBench counts it), ``ties``, and ``accuracy/SUBSET``."""
-    per = subset_accuracy(subsets, diffs)
-    out = {"accuracy": sum(pair_credit(d) for d in diffs) / len(diffs), "ties": sum(d == 0 for d in diffs)}
-    out.update({f"accuracy/{s}": v["accuracy"] for s, v in sorted(per.items()) if s != NO_SUBSET})
-    return out

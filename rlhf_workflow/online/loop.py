@@ -20,61 +20,27 @@ import time
 from array import array
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import Field
 
 from ..checks import run_check
-from ..config import Config, ModelConfig, TrainConfig, flatten, save_config
+from ..config import Config, flatten, save_config
 from ..data.readers import iter_records, validated_rows
 from ..data.records import Prompt, Rollout
 from ..errors import UserError
-from ..evaluation.iteration import HeldOutConfig, IterationEvalConfig, run_iteration_eval
+from ..evaluation.iteration import IterationEvalConfig, run_iteration_eval
 from ..faults import point
 from ..io import read_json, remove_stale_temporaries, write_json, write_jsonl, write_text
 from ..manifest import write_manifest
 from ..report import ReportConfig, run_report, with_se
-from ..training.dpo import DPOConfig, DPODataConfig, ReferenceConfig, run_dpo
-from .annotate import AnnotateConfig, run_annotate
+from ..training.dpo import DPOConfig, run_dpo
+from .annotate import run_annotate
 from .chunks import locked
+from .config import SET, LoopConfig, PromptPoolConfig
 from .generate import GenerateConfig, run_generate
-from .pairs import SelectConfig, build_pairs
+from .pairs import build_pairs
 
-SET = "(set by the loop)"
 STAGES = ("prompts", "generate", "annotate", "pairs", "dpo", "eval")
-
-
-class PromptPoolConfig(Config):
-    source: str = Field("RLHFlow/iterative-prompt-v1-iter1-20K", description="prompt pool: file or hub dataset")
-    split: str = Field("train", description="split, for hub datasets")
-    per_iteration: int = Field(20000, ge=1, description="fresh prompts per iteration (disjoint slices)")
-
-
-class LoopConfig(Config):
-    out: str = Field("runs/online", description="run directory")
-    seed: int = Field(42, description="seed of the prompt slices, sampling, pair selection and DPO")
-    iterations: int = Field(3, ge=1, description="online iterations T")
-    policy: ModelConfig = ModelConfig(path="RLHFlow/LLaMA3-SFT")
-    reference: Literal["sft", "previous"] = Field("sft", description="DPO reference: pi_0 (SFT) or pi_{t-1}")
-    prompts: PromptPoolConfig = PromptPoolConfig()
-    generate: GenerateConfig = GenerateConfig(model=ModelConfig(path=SET), input=SET, out=SET)
-    annotate: AnnotateConfig = AnnotateConfig(input=SET, out=SET)
-    select: SelectConfig = SelectConfig()
-    dpo: DPOConfig = DPOConfig(model=ModelConfig(path=SET), reference=ReferenceConfig(path=SET),
-                               data=DPODataConfig(train=SET),
-                               train=TrainConfig(output_dir=SET, epochs=2, global_batch_size=128,
-                                                 micro_batch_size=8, save_every=50))
-    eval: HeldOutConfig = HeldOutConfig()
-    processes: int = Field(1, ge=1, description="processes (e.g. GPUs) per stage and node; > 1 runs generate, "
-                           "annotate, DPO and the evaluation on that many ranks (the loop itself stays one process)")
-    launcher: list[str] = Field(
-        default_factory=list, description="command that starts a stage's ranks (set: every stage goes through it, "
-        "even with processes=1, e.g. one process on each of several nodes), followed by `-m rlhf_workflow.cli "
-        "STAGE --config FILE`; '{processes}' is replaced. Default: torchrun --standalone --nproc_per_node "
-        "{processes} when processes > 1. E.g. [accelerate, launch, --config_file, acc.yaml], or an srun + "
-        "torchrun line for several nodes")
-    force: bool = Field(False, description="resume even though the config changed")
 
 
 class RunState:

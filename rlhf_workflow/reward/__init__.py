@@ -1,6 +1,7 @@
 """Judges: the Bradley-Terry reward model (``bt``, reading text as ``encoding`` renders it),
 the pairwise preference model (``pm``) and PM ranking of n responses (``ranking``). Their
-evaluation (RewardBench, held-out pairs) is in :mod:`rlhf_workflow.evaluation.judges`."""
+held-out evaluation during training is beside each (``evaluate_bt``, ``evaluate_pm``, counted by
+``metrics``); RewardBench's is in :mod:`rlhf_workflow.evaluation.judges`."""
 
 from .bt import load_reward_model, score
 from .encoding import ensure_pad_token

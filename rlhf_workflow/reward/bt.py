@@ -12,7 +12,7 @@ apart; the head reads each response's last token. Same rewards as two rows, with
 computed once (``data.share_prompt``; encoders and flash attention use two rows).
 
 Scoring rollouts is ``rlhf annotate annotator.kind=bt`` (chunked, sharded, resumable), on
-:func:`score`; held-out and RewardBench evaluation live in :mod:`..evaluation.judges`.
+:func:`score`; the held-out evaluation is :func:`evaluate_bt`, RewardBench's :mod:`..evaluation.judges`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pydantic import Field
 from ..config import Config, ModelConfig, OptimConfig, PairLimits, TrainConfig
 from ..data.batching import collate_rows
 from ..data.chat import IGNORE, Tokenized
-from ..data.pairs import collate_pairs
+from ..data.pairs import TokenizedPair, collate_pairs
 from ..data.readers import PairRow, fmt_counts, read_pairs, split_held_out
 from ..data.token_cache import PAIR_FIELDS, Lazy, TokenCache, pair_example, tokenize_cached
 from ..distributed import is_sharded, run_batched, to_device
@@ -53,6 +53,7 @@ from .encoding import (
     uses_chat_template,
 )
 from .implicit import ImplicitReward, load_implicit_reward
+from .metrics import held_out_accuracies
 
 # --------------------------------------------------------------------------- configs
 
@@ -272,8 +273,6 @@ def run_rm_train(cfg: RMConfig, on_step=None) -> Path:
         return batch
 
     def evaluate(m) -> dict[str, float]:
-        from ..evaluation.judges import evaluate_bt
-
         return evaluate_bt(m, test_set, pad, cfg.eval_batch_size) if test_set else {}
 
     sizes = train_cache.lengths().sum(1)  # tokens of a pair's two sequences: len(tok)
@@ -322,3 +321,17 @@ def write_eval(out: Path, result: dict, name: str, n_held_out: int) -> None:
             f"{name}: held-out accuracy {result['accuracy']:.4f} on {n_held_out} pairs "
             + " ".join(f"{k[9:]}={v:.4f}" for k, v in result.items() if k.startswith("accuracy/"))
         )
+
+
+def evaluate_bt(model, pairs: list[tuple[PairRow, TokenizedPair]], pad: int, batch_size: int = 32) -> dict:
+    """A BT reward model's held-out loss and accuracy, overall and per subset (every rank
+    scores its share)."""
+    was_training = model.training
+    model.eval()
+    seqs = [tok.chosen for _, tok in pairs] + [tok.rejected for _, tok in pairs]
+    r = torch.tensor(score_tokenized(model, seqs, pad, batch_size, shard=True), dtype=torch.float64)
+    model.train(was_training)
+    n = len(pairs)
+    margins = torch.tensor([row.margin for row, _ in pairs], dtype=torch.float64)
+    loss = bt_loss(r[:n], r[n:], margins).mean().item()
+    return {"loss": loss, **held_out_accuracies([row.pair.subset for row, _ in pairs], (r[:n] - r[n:]).tolist())}

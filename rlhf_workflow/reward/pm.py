@@ -16,6 +16,7 @@ their start (their ends, where answers usually are, stay visible); such pairs ar
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from ..training.engine import load_frozen, load_trainable
 from ..training.loop import StepOutput, TrainData, train
 from .bt import PairDataConfig, write_eval
 from .encoding import prompt_text
+from .metrics import held_out_accuracies
 
 LABELS = ("A", "B")
 TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b}"
@@ -267,8 +269,6 @@ def run_pm_train(cfg: PMConfig, on_step=None) -> Path:
         return collate_comparisons([seqs[i] for i in idx], pad, [labels[i] for i in idx])
 
     def evaluate(m) -> dict[str, float]:
-        from ..evaluation.judges import evaluate_pm
-
         return evaluate_pm(m, tokenizer, test_rows, d.max_length, cfg.eval_batch_size) if test_rows else {}
 
     model, _ = load_trainable(cfg.train, cfg.model)
@@ -343,3 +343,17 @@ def tokenize_comparisons(cfg: PMConfig, tokenizer, rows: list[PairRow], label_id
     return tokenize_cached("pm", (d.train, d.split), settings, tokenizer, rows, encode, ("label", "truncated"),
                            masks=False, enabled=d.token_cache, progress=cfg.train.progress, noun="comparisons",
                            on_bad=d.on_bad, locate=lambda i: rows[i].where)
+
+
+def evaluate_pm(model, tokenizer, rows: list[PairRow], max_length: int, batch_size: int = 32) -> dict:
+    """A preference model's held-out loss and accuracy overall and per subset, plus its mean
+    ``P(A)`` over both orders (``p_first``: 0.5 for a model without position bias)."""
+    was_training = model.training
+    items = [(prompt, chosen[-1]["content"], rejected[-1]["content"])
+             for prompt, chosen, rejected in (row.pair.conversations() for row in rows)]
+    c = compare(model, tokenizer, items, batch_size, max_length, shard=True)
+    model.train(was_training)
+    p = c.first  # chosen shown first (answer A), then second (answer B)
+    nll = [-math.log(max(p[2 * i], 1e-12)) - math.log(max(1 - p[2 * i + 1], 1e-12)) for i in range(len(rows))]
+    return {"loss": sum(nll) / (2 * len(rows)), "p_first": sum(p) / len(p),
+            **held_out_accuracies([row.pair.subset for row in rows], [q - 0.5 for q in c.probs])}
