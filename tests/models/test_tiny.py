@@ -273,10 +273,8 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 
 
 def test_default_corpus_is_the_sandbox(tmp_path):
-    try:
-        from rlhf_workflow.sandbox import corpus
-    except ImportError:
-        pytest.skip("rlhf_workflow.sandbox.corpus not available yet")
+    from rlhf_workflow.sandbox import corpus
+
     out = init_model(InitModelConfig(out=str(tmp_path / "m")))
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.decode(tok.encode(corpus()[0])) == corpus()[0]

@@ -66,7 +66,9 @@ def test_unknown_mode_is_rejected():
 
 
 def test_rank_with_a_trained_pm(trained_pm):
-    from rlhf_workflow.reward.pm import load_preference_model
+    """Round robin's scores are the PM's own order-averaged win probabilities, computed here
+    pair by pair; the tournament makes its bracket's number of comparisons."""
+    from rlhf_workflow.reward.pm import compare, load_preference_model
 
     model, tok = load_preference_model(trained_pm)
     prompts = [
@@ -81,3 +83,8 @@ def test_rank_with_a_trained_pm(trained_pm):
         out = rank_with_pm(model, tok, prompts, responses, mode=mode)
         assert [len(r.scores) for r in out] == [4, 3]
         assert [r.n_calls for r in out] == ([2 * 4, 2 * 3] if mode == "tournament" else [12, 6])
+    for p, rs, r in zip(prompts, responses, out, strict=True):  # (out: round robin's)
+        n = len(rs)
+        direct = [sum(compare(model, tok, [(p, rs[i], rs[j])]).probs[0] for j in range(n) if j != i) / (n - 1)
+                  for i in range(n)]
+        assert r.scores == pytest.approx(direct, abs=1e-6)  # (this tiny PM's scores differ by ~1e-4)
