@@ -37,6 +37,7 @@ from .errors import UserError
 from .models.loading import Loaded, load_parts
 
 if TYPE_CHECKING:
+    from .online.annotate import AnnotatorConfig
     from .online.config import LoopConfig
 
 Level = Literal["error", "warning", "note"]
@@ -284,7 +285,23 @@ def check_loop(cfg: LoopConfig) -> list[Finding]:
         # the reference is pi_0 (reference=sft) or the previous policy, saved with pi_0's tokenizer
         out += check_lengths("reference", policy.config, {"dpo.data.max_length": cfg.dpo.data.max_length})
     judge_cfg = cfg.annotate.annotator
-    if judge_cfg.kind == "gold":
+    for c in judge_cfg.combine or [judge_cfg]:
+        out += check_judge(c, policy)
+    return out
+
+
+def check_judge(judge_cfg: AnnotatorConfig, policy: Loaded | None) -> list[Finding]:
+    """A reward function is imported and its signature checked; a judge model is loaded and its
+    template, padding, labels and lengths checked."""
+    out: list[Finding] = []
+    if judge_cfg.kind in ("gold", "function"):
+        from .reward.functions import load_function
+        from .sandbox.rewards import GOLD
+
+        try:
+            load_function(judge_cfg.function or GOLD)
+        except UserError as e:
+            out.append(Finding("judge", "error", str(e), "fix annotator.function"))
         return out
     judge = _load_for_check("judge", ModelConfig(path=judge_cfg.path), out)
     if judge is None:
@@ -316,6 +333,13 @@ def _load_for_check(who: str, spec: ModelConfig, out: list[Finding]) -> Loaded |
         return None
 
 
+def judge_name(judge: AnnotatorConfig) -> str:
+    """kind and path (or function) of a judge, of each component of a combined one."""
+    if judge.kind == "combine":
+        return " + ".join(f"{c.weight:g} x {judge_name(c)}" for c in judge.combine)
+    return judge.kind + {"gold": "", "function": f" {judge.function}"}.get(judge.kind, f" {judge.path}")
+
+
 def run_check(cfg: LoopConfig) -> list[Finding]:
     """Print the findings of :func:`check_loop`, one a line; a :class:`UserError` if any is
     an error. The loop calls it before its first stage; ``rlhf check`` runs it alone."""
@@ -325,7 +349,7 @@ def run_check(cfg: LoopConfig) -> list[Finding]:
     errors = sum(f.level == "error" for f in findings)
     judge = cfg.annotate.annotator
     print(f"check: policy {cfg.policy.path}, reference {'pi_0' if cfg.reference == 'sft' else 'previous policy'}, "
-          f"judge {judge.kind}{'' if judge.kind == 'gold' else ' ' + judge.path}: {errors} error(s), "
+          f"judge {judge_name(judge)}: {errors} error(s), "
           f"{len(findings) - errors} other finding(s)")
     if errors:
         raise UserError(f"check: {errors} error(s) above; fix them before the loop runs")

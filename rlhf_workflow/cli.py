@@ -48,7 +48,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("online.generate:GenerateConfig", "online.generate:run_generate",
                         "sample n responses per prompt (transformers or vLLM), resumable"),
     "annotate": Command("online.annotate:AnnotateConfig", "online.annotate:run_annotate",
-                        "reward every response with a BT reward model or a pairwise PM"),
+                        "reward every response: a BT model, DPO implicit reward, PM, reward function, or a sum"),
     "pairs": Command("online.pairs:PairsConfig", "online.pairs:run_pairs",
                      "one preference pair per prompt from scored rollouts (max_min, ...)"),
     "loop": Command("online.loop:LoopConfig", "online.loop:run_loop",
@@ -59,6 +59,8 @@ COMMANDS: dict[str, Command] = {
                       "report.md/.html and plots of a demo or loop run directory", positional="run_dir"),
     "eval policy": Command("evaluation.policy:EvalPolicyConfig", "evaluation.policy:run_eval_policy",
                            "sample a policy on sandbox prompts and report the gold reward"),
+    "eval winrate": Command("evaluation.winrate:WinRateConfig", "evaluation.winrate:run_eval_winrate",
+                            "a policy's win rate against a baseline under a judge, raw and length-controlled"),
     "eval iteration": Command("evaluation.iteration:IterationEvalConfig", "evaluation.iteration:run_iteration_eval",
                               "evaluate one policy of the loop (held-out samples, KL, judge and gold rewards)"),
 }

@@ -275,3 +275,18 @@ def test_annotate_renders_each_response_with_the_judges_template(tiny_model, oth
     cfg = load_config(LoopConfig, _loop_yaml(tmp_path / "loop.yaml", tiny_model, other_judge))
     notes = [f for f in check_loop(cfg) if f.who == "judge"]
     assert levels(notes) == [("judge", "note")] and "chat template differ" in notes[0].problem
+
+
+def test_rlhf_check_imports_each_reward_function_of_a_combined_judge(tiny_model, trained_rm, tmp_path, capsys):
+    checker = "rlhf_workflow.reward.functions:exact_answer"
+    judge = {"combine": [{"kind": "bt", "path": str(trained_rm), "max_length": 256},
+                         {"kind": "function", "function": checker, "weight": 0.5}]}
+    ok = _loop_yaml(tmp_path / "ok.yaml", tiny_model, trained_rm, annotate={"annotator": judge})
+    assert main(["check", "--config", str(ok)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        f"judge 1 x bt {trained_rm} + 0.5 x function {checker}: 0 error(s), 0 other finding(s)")
+    judge["combine"][1]["function"] = "rlhf_workflow.reward.functions:no_such_checker"
+    bad = _loop_yaml(tmp_path / "bad.yaml", tiny_model, trained_rm, annotate={"annotator": judge})
+    assert main(["check", "--config", str(bad)]) == 2
+    assert ("judge: error: annotator.function rlhf_workflow.reward.functions:no_such_checker: cannot import it "
+            "(AttributeError") in capsys.readouterr().out

@@ -144,6 +144,7 @@ class Rollout(Record):
     num_tokens: list[int] | None = None
     token_ids: list[list[int]] | None = None  # as sampled (kept on request: the held-out samples' KL)
     rewards: list[float] | None = None
+    reward_components: dict[str, list[float]] | None = None  # a combined judge's scores, per component
 
     def messages(self) -> list[dict[str, str]]:
         return as_messages(self.prompt, "user")

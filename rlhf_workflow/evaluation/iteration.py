@@ -37,7 +37,8 @@ from ..generation.sampling import Sample, SamplingConfig
 from ..io import write_json, write_jsonl
 from ..models.loading import load_tokenizer, pad_id
 from ..models.logprobs import response_logps
-from ..online.annotate import AnnotatorConfig, gold_rewards
+from ..online.annotate import AnnotatorConfig
+from ..sandbox.rewards import gold_rewards
 from ..training.engine import free, load_frozen
 from .policy import gold_by_prompt, gold_metrics, paired_difference
 
@@ -49,6 +50,9 @@ class HeldOutConfig(Config):
     kl: bool = Field(True, description="estimate KL(pi_t || pi_0) from the sampled responses")
     every: int = Field(1, ge=1, description="rlhf loop: evaluate on the held-out prompts every k-th iteration "
                        "(the SFT policy and the last iteration always); the others report their own rollouts only")
+    winrate: bool = Field(False, description="each policy's win rate against the SFT policy's held-out samples, "
+                          "judged by the annotator: raw and length-controlled, with bootstrap standard errors "
+                          "(as `rlhf eval winrate`)")
 
 
 class IterationEvalConfig(Config):
@@ -68,6 +72,10 @@ class IterationEvalConfig(Config):
     baseline: str | None = Field(
         None, description="another policy's gold_out file (e.g. the SFT policy's): the gold reward's difference "
         "to it, paired by prompt, with its standard error")
+    samples_out: str | None = Field(None, description="JSONL file for the held-out responses (the SFT policy's: "
+                                    "the win rate's baseline)")
+    baseline_samples: str | None = Field(None, description="another policy's samples_out file: the win rate "
+                                         "against it (with eval.winrate)")
     out: str = Field("metrics.json", description="JSON file to write")
 
 
@@ -79,7 +87,7 @@ def run_iteration_eval(cfg: IterationEvalConfig) -> dict:
               f"samples each), on {world} process(es)")
     metrics = evaluate_iteration(cfg.policy.path, cfg.sft, cfg.policy, cfg.eval, cfg.annotator, cfg.seed,
                                  Path(cfg.iteration_dir) if cfg.iteration_dir else None, cfg.rollouts,
-                                 (cfg.gold_out, cfg.baseline))
+                                 (cfg.gold_out, cfg.baseline), (cfg.samples_out, cfg.baseline_samples))
     result = {"iteration": cfg.iteration, "policy": cfg.policy.path, "processes": world, **metrics}
     point("eval")
     if rank == 0:
@@ -109,14 +117,15 @@ def sample_logps(model, tokenizer, prompts: list[list[dict]], samples: list[Samp
 
 def evaluate_iteration(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutConfig, annotator,
                        seed: int, iteration_dir: Path | None, rollouts: str | None = None,
-                       paired: tuple[str | None, str | None] = (None, None)) -> dict:
+                       paired: tuple[str | None, str | None] = (None, None),
+                       against: tuple[str | None, str | None] = (None, None)) -> dict:
     """``paired``: (a file to write each held-out prompt's gold rewards to, another policy's such
-    file to compare with)."""
+    file to compare with); ``against``: the same for the samples themselves (the win rate)."""
     metrics: dict = {}
     if iteration_dir is not None:
         metrics.update(_rollout_stats(iteration_dir))
     if eval_cfg.prompts:
-        metrics.update(_held_out(policy, sft, model_cfg, eval_cfg, annotator, seed, rollouts, paired))
+        metrics.update(_held_out(policy, sft, model_cfg, eval_cfg, annotator, seed, rollouts, paired, against))
     return metrics
 
 
@@ -153,7 +162,8 @@ def selection_gold(gold: dict, pairs) -> dict:
 
 
 def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutConfig, annotator, seed: int,
-              rollouts: str | None, paired: tuple[str | None, str | None]) -> dict:
+              rollouts: str | None, paired: tuple[str | None, str | None],
+              against: tuple[str | None, str | None] = (None, None)) -> dict:
     prompts = read_records(eval_cfg.prompts, Prompt)
     prompts = prompts[: eval_cfg.limit] if eval_cfg.limit else prompts
     messages = [p.messages() for p in prompts]
@@ -194,6 +204,14 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutCo
         per_prompt = [rewards[i : i + sampling.n] for i in range(0, len(rewards), sampling.n)]
         out.update(rm_reward=_mean(rewards), rm_best_of_n=_mean([max(g) for g in per_prompt]))
         free(rm)
+    elif annotator.kind == "function":
+        from ..reward.functions import function_scorer
+
+        per_prompt = function_scorer(annotator.function)([Rollout(
+            prompt=p.prompt, id=p.id, meta=p.meta, responses=[s.text for s in g],
+            finish_reasons=[s.finish_reason for s in g]) for p, g in zip(prompts, samples, strict=True)])
+        out.update(rm_reward=_mean([r for g in per_prompt for r in g]), rm_best_of_n=_mean([max(g) for g in per_prompt]))
+    out.update(_win_rate(prompts, samples, annotator, eval_cfg, seed, *against))
     if all(p.meta and "skill" in p.meta for p in prompts):
         gold = gold_metrics(prompts, samples)
         out.update(gold_reward=gold["gold_reward"], gold_reward_se=gold["gold_reward_se"], accuracy=gold["accuracy"],
@@ -215,6 +233,31 @@ def _paired(prompts: list[Prompt], golds: list[list[float]], gold_out: str | Non
         raise UserError(f"{baseline}: the gold rewards of other prompts than these {len(prompts)} held-out ones")
     d = paired_difference(golds, [r["gold"] for r in rows])
     return {"gold_vs_baseline": d["diff"], "gold_vs_baseline_se": d["se"]}
+
+
+def _win_rate(prompts: list[Prompt], samples: list[list[Sample]], annotator, eval_cfg: HeldOutConfig, seed: int,
+              samples_out: str | None, baseline: str | None) -> dict:
+    """Write the samples' texts to ``samples_out``; with ``eval.winrate``, the win rate against
+    ``baseline``'s (the SFT policy's), judged by the annotator."""
+    from ..errors import UserError
+    from .winrate import preferences, win_rates
+
+    if samples_out and rank_and_world()[0] == 0:
+        write_jsonl(samples_out, ({"id": p.id, "responses": [s.text for s in g],
+                                   "finish_reasons": [s.finish_reason for s in g]}
+                                  for p, g in zip(prompts, samples, strict=True)))
+    if not (eval_cfg.winrate and baseline):
+        return {}
+    rows = [row for _, row in iter_rows(baseline)]
+    if [r["id"] for r in rows] != [p.id for p in prompts]:
+        raise UserError(f"{baseline}: the samples of other prompts than these {len(prompts)} held-out ones")
+    base = [[Sample(t, why, 0) for t, why in zip(r["responses"], r["finish_reasons"], strict=True)] for r in rows]
+    prefs = preferences(annotator, prompts, samples, base)
+    length = [[len(a.text) - len(b.text) for a, b in zip(pa, pb, strict=True)]
+              for pa, pb in zip(samples, base, strict=True)]
+    r = win_rates(prefs, length, 1000, seed)
+    return {"win_rate": r["win_rate"], "win_rate_se": r["win_rate_se"], "lc_win_rate": r["lc_win_rate"],
+            "lc_win_rate_se": r["lc_win_rate_se"]}
 
 
 def _read_samples(path: str, prompts: list[Prompt]) -> list[list[Sample]]:

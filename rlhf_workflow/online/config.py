@@ -46,4 +46,7 @@ class LoopConfig(Config):
         "STAGE --config FILE`; '{processes}' is replaced. Default: torchrun --standalone --nproc_per_node "
         "{processes} when processes > 1. E.g. [accelerate, launch, --config_file, acc.yaml], or an srun + "
         "torchrun line for several nodes")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="trackers for the loop's per-iteration metrics and sample pairs (one run, "
+        "iterations as steps; TensorBoard's files under out/), besides summary.json")
     force: bool = Field(False, description="resume even though the config changed")

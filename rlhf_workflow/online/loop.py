@@ -25,7 +25,7 @@ import yaml
 
 from ..checks import run_check
 from ..config import Config, flatten, save_config
-from ..data.readers import iter_records, validated_rows
+from ..data.readers import iter_records, iter_rows, validated_rows
 from ..data.records import Prompt, Rollout
 from ..errors import UserError
 from ..evaluation.iteration import IterationEvalConfig, run_iteration_eval
@@ -34,6 +34,7 @@ from ..io import read_json, remove_stale_temporaries, write_json, write_jsonl, w
 from ..manifest import write_manifest
 from ..report import ReportConfig, run_report, with_se
 from ..training.dpo import DPOConfig, run_dpo
+from ..training.loop import make_trackers
 from .annotate import run_annotate
 from .chunks import locked
 from .config import SET, LoopConfig, PromptPoolConfig
@@ -86,9 +87,11 @@ def _loop(cfg: LoopConfig, out: Path, after_stage: Callable[[str], None] | None)
         if after_stage is not None:
             after_stage(key)
 
+    trackers = make_trackers(cfg.report_to, out, cfg)
     sft = cfg.policy.path
     stage("iter_0/eval", _evaluate, cfg, 0, sft, sft, out / "iter_0")
     rows = [read_json(out / "iter_0" / "metrics.json")]
+    _track(trackers, rows[0], None)
     policy = sft
     for t in range(1, cfg.iterations + 1):
         d = out / f"iter_{t}"
@@ -108,6 +111,9 @@ def _loop(cfg: LoopConfig, out: Path, after_stage: Callable[[str], None] | None)
         row["seconds"] = {s: state.data["completed"].get(f"iter_{t}/{s}") for s in STAGES}
         rows.append(row)
         print(_one_line(row))
+        _track(trackers, row, d / "pairs.jsonl")
+    for tracker in trackers:
+        tracker.finish()
     summary = {"reference": cfg.reference, "iterations": rows}
     write_json(out / "summary.json", summary)
     point("summary")
@@ -267,10 +273,43 @@ def _evaluate(cfg: LoopConfig, t: int, policy: str, sft: str, d: Path) -> None:
         annotator=cfg.annotate.annotator, seed=cfg.seed, rollouts=str(rollouts) if rollouts else None,
         iteration_dir=str(d) if t > 0 else None, out=str(d / "metrics.json"),
         gold_out=str(d / "eval_gold.jsonl") if held_out.prompts else None,
-        baseline=str(sft_gold) if t > 0 and held_out.prompts and sft_gold.exists() else None), d / "eval.yaml")
+        baseline=str(sft_gold) if t > 0 and held_out.prompts and sft_gold.exists() else None,
+        samples_out=str(d / "eval_samples.jsonl") if held_out.prompts and held_out.winrate else None,
+        baseline_samples=str(sft_gold.with_name("eval_samples.jsonl")) if t > 0 and held_out.prompts and
+        held_out.winrate else None), d / "eval.yaml")
 
 
 # --------------------------------------------------------------------------- bookkeeping
+
+SAMPLE_PAIRS = 8  # pairs of each iteration shown in the trackers
+
+
+def _track(trackers: list, row: dict, pairs: Path | None) -> None:
+    """An iteration's metrics (every number of its row: gold, judge reward, length, KL, win rate,
+    pair statistics, stage seconds) at step = iteration, and a table of its first pairs."""
+    if not trackers:
+        return
+    t = row["iteration"]
+    numbers = {k: v for k, v in flatten(row).items() if isinstance(v, int | float) and not isinstance(v, bool)
+               and k != "iteration"}
+    sample = []
+    if pairs is not None:
+        for _, (_, p) in zip(range(SAMPLE_PAIRS), iter_rows(pairs), strict=False):
+            sample.append([str(p["prompt"]), p["chosen"], p["rejected"], p["meta"].get("chosen_reward"),
+                           p["meta"].get("rejected_reward")])
+    columns = ["prompt", "chosen", "rejected", "chosen reward", "rejected reward"]
+    for tracker in trackers:
+        tracker.log(numbers, step=t)
+        if not sample:
+            continue
+        if tracker.name == "wandb":
+            tracker.log_table("pairs", columns=columns, data=sample, step=t)
+        else:  # TensorBoard: the table as markdown text
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in r) + " |"
+                      for r in sample]
+            tracker.writer.add_text("pairs", "\n".join(lines), global_step=t)
+
 
 
 def _refuse_owned_keys(cfg: LoopConfig) -> None:
@@ -320,12 +359,16 @@ def _fmt(v, spec: str = ".3f") -> str:
 def _one_line(row: dict) -> str:
     return (f"iter {row['iteration']}: RM reward {_fmt(row.get('rm_reward'))}, gold "
             f"{_fmt(row.get('gold_reward'))}, length {_fmt(row.get('mean_tokens'), '.1f')} tokens, "
-            f"KL {_fmt(row.get('kl'))}, pairs {row.get('pairs', '-')}")
+            f"KL {_fmt(row.get('kl'))}, pairs {row.get('pairs', '-')}"
+            + (f", win rate against SFT {with_se(row, 'win_rate')} (length-controlled {with_se(row, 'lc_win_rate')})"
+               if "win_rate" in row else ""))
 
 
 def summary_table(rows: list[dict]) -> str:
+    wr = any("win_rate" in r for r in rows)
     head = ("| iteration | RM reward | best-of-n RM | gold reward +- se | gold - SFT's +- se | accuracy "
-            "| length (tokens) | EOS rate | KL to SFT | pairs | generate s | annotate s | DPO s |")
+            "| length (tokens) | EOS rate | KL to SFT | pairs |" + (" win rate | LC win rate |" if wr else "")
+            + " generate s | annotate s | DPO s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         s = r.get("seconds") or {}
@@ -333,5 +376,6 @@ def summary_table(rows: list[dict]) -> str:
             f"| {r['iteration']} | {_fmt(r.get('rm_reward'))} | {_fmt(r.get('rm_best_of_n'))} | "
             f"{with_se(r, 'gold_reward')} | {with_se(r, 'gold_vs_baseline')} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('mean_tokens'), '.1f')} | "
             f"{_fmt(r.get('eos_rate'))} | {_fmt(r.get('kl'))} | {r.get('pairs', '-')} | "
-            f"{_fmt(s.get('generate'), '.0f')} | {_fmt(s.get('annotate'), '.0f')} | {_fmt(s.get('dpo'), '.0f')} |")
+            + (f"{with_se(r, 'win_rate')} | {with_se(r, 'lc_win_rate')} | " if wr else "")
+            + f"{_fmt(s.get('generate'), '.0f')} | {_fmt(s.get('annotate'), '.0f')} | {_fmt(s.get('dpo'), '.0f')} |")
     return "\n".join(lines) + "\n"

@@ -277,7 +277,7 @@ def train(
                   f"batch of {cfg.global_batch_size} the schedule barely starts; lower "
                   "train.global_batch_size or raise train.epochs")
         truncate_metrics(out / "metrics.jsonl", start)
-    trackers = _trackers(cfg, out, run_config) if eng.is_main else []
+    trackers = make_trackers(cfg.report_to, out, run_config) if eng.is_main else []
 
     record: dict[str, float] = {}
     model.train()
@@ -419,11 +419,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _trackers(cfg: TrainConfig, out: Path, run_config: Config | None) -> list:
+def make_trackers(names: list[str], out: Path, run_config: Config | None) -> list:
+    """accelerate's TensorBoard / W&B trackers, one run named after ``out`` (TensorBoard's
+    event files under it), the run's config stored flattened."""
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
     made = []
-    for name in cfg.report_to:
+    for name in names:
         tracker = TensorBoardTracker(out.name, out) if name == "tensorboard" else WandBTracker(out.name)
         if hasattr(tracker, "start"):
             tracker.start()

@@ -33,7 +33,7 @@ def test_selection_gold_measures_the_winners_curse():
     the n, on hand-computed sandbox responses; a prompt without a pair does not count."""
     from rlhf_workflow.data.records import Rollout
     from rlhf_workflow.evaluation.iteration import selection_gold
-    from rlhf_workflow.online.annotate import gold_rewards
+    from rlhf_workflow.sandbox.rewards import gold_rewards
 
     meta = {"skill": "add", "a": 2, "b": 3, "answer": "5"}
     responses = ["Answer: 5", "Answer: 4", "I will work it out. Answer: 5"]  # gold 1, 0, 1 - 0.02 * 5

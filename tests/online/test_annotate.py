@@ -102,3 +102,26 @@ def test_gold_annotator_gives_the_sandbox_reward(rollouts, tmp_path):
     bad = tmp_path / "no_meta.jsonl"
     write_jsonl(bad, [{"prompt": "hi", "responses": ["a"]}])
     assert main(["annotate", "--in", str(bad), "--out", str(tmp_path / "x.jsonl"), "annotator.kind=gold"]) == 2
+
+
+def test_function_and_combined_judges_give_their_components_scores(rollouts, trained_rm, tmp_path):
+    """The built-in checker alone gives 1 for the right answer only; BT + 0.5 x checker gives the
+    BT model's score plus half the checker's, each component kept in scored.jsonl."""
+    checker = "rlhf_workflow.reward.functions:exact_answer"
+    out = tmp_path / "checker.jsonl"
+    assert main(["annotate", "--in", str(rollouts), "--out", str(out), "annotator.kind=function",
+                 f"annotator.function={checker}"]) == 0
+    assert [s.rewards for s in read_records(out, Rollout)] == [[1.0, float(i == 2), 0.0, 0.0] for i in range(7)]
+    out = tmp_path / "combined.jsonl"
+    assert main(["annotate", "--in", str(rollouts), "--out", str(out),
+                 f'annotator.combine=[{{kind: bt, path: "{trained_rm}", weight: 1.0}}, '
+                 f'{{kind: function, function: "{checker}", weight: 0.5, name: checker}}]']) == 0
+    scored = read_records(out, Rollout)
+    model, tok = load_reward_model(trained_rm, "fp32")
+    bt = score(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in ROLLOUTS for _ in r["responses"]],
+               [x for r in ROLLOUTS for x in r["responses"]], progress=False)
+    checked = [x for i in range(7) for x in (1.0, float(i == 2), 0.0, 0.0)]
+    assert [x for s in scored for x in s.reward_components["bt"]] == pytest.approx(bt, abs=1e-5)
+    assert [x for s in scored for x in s.reward_components["checker"]] == checked
+    assert [x for s in scored for x in s.rewards] == pytest.approx(
+        [b + 0.5 * c for b, c in zip(bt, checked, strict=True)], abs=1e-5)

@@ -278,3 +278,46 @@ def test_a_second_loop_on_the_same_run_folder_is_refused(loop_cfg, tmp_path):
         with pytest.raises(UserError, match=rf"{re.escape(str(out))} is in use by process \d+ on .*: one run at a time"):
             run_loop(loop_cfg(out))
     assert not out.exists()  # it wrote nothing
+
+
+def test_an_iteration_judged_by_a_reward_model_plus_the_answer_checker(loop_cfg, trained_rm, sandbox_data, tmp_path):
+    """``annotator.combine``: 2 x BT + 0.5 x the built-in checker. Each component's scores equal the
+    component computed directly on the iteration's rollouts, the reward is their weighted sum,
+    and the pairs are chosen by that sum. ``eval.winrate``: the policy's held-out samples against
+    the SFT policy's, each pair won when the judge scores it higher."""
+    from rlhf_workflow.data.records import Rollout
+    from rlhf_workflow.online.annotate import make_scorer
+    from rlhf_workflow.reward.bt import load_reward_model, score
+    from rlhf_workflow.reward.functions import exact_answer, record_of
+
+    checker = "rlhf_workflow.reward.functions:exact_answer"
+    cfg = loop_cfg(tmp_path, "iterations=1", "eval.winrate=true", "eval.kl=false", "annotate.annotator.path=unused",
+                   f'annotate.annotator.combine=[{{kind: bt, path: "{trained_rm}", max_length: 256, weight: 2.0}}, '
+                   f'{{kind: function, function: "{checker}", weight: 0.5}}]')
+    run_loop(cfg)
+    d = tmp_path / "iter_1"
+    scored = read_records(d / "scored.jsonl", Rollout)
+    model, tok = load_reward_model(trained_rm, "fp32")
+    bt = score(model, tok, [ro.messages() for ro in scored for _ in ro.responses],
+               [r for ro in scored for r in ro.responses], max_length=256, progress=False)
+    assert [x for ro in scored for x in ro.reward_components["bt"]] == pytest.approx(bt, abs=1e-5)
+    for ro in scored:
+        checked = exact_answer(record_of(ro), ro.responses)
+        assert ro.reward_components["exact_answer"] == checked
+        assert ro.rewards == pytest.approx([2 * b + 0.5 * c for b, c in zip(ro.reward_components["bt"], checked,
+                                                                        strict=True)])
+    by_text = {(ro.id, r): x for ro in scored for r, x in zip(ro.responses, ro.rewards, strict=True)}
+    pairs = _jsonl(d / "pairs.jsonl")
+    assert pairs and all(by_text[(p["id"], p["chosen"])] > by_text[(p["id"], p["rejected"])] for p in pairs)
+    judge = make_scorer(cfg.annotate.annotator)
+
+    prompts = {p.id: p for p in read_records(sandbox_data / "prompts_eval.jsonl", Prompt)}
+
+    def rewards(t):
+        return judge([Rollout(prompt=prompts[row["id"]].prompt, meta=prompts[row["id"]].meta, **row)
+                      for row in _jsonl(tmp_path / f"iter_{t}" / "eval_samples.jsonl")])
+
+    wins = [0.5 + 0.5 * ((a > b) - (a < b)) for xa, xb in zip(rewards(1), rewards(0), strict=True)
+            for a, b in zip(xa, xb, strict=True)]
+    assert len(wins) == 12
+    assert json.loads((d / "metrics.json").read_text())["win_rate"] == pytest.approx(sum(wins) / len(wins))

@@ -68,3 +68,26 @@ def test_one_loop_iteration(sft_model, reward_model, data, tier, tmp_path):
     assert 1 <= rows[1]["pairs"] <= 4 and rows[1]["seconds"]["dpo"] > 0
     assert len(read(out / "iter_1" / "rollouts.jsonl")) == 4
     assert tier.metrics(out / "iter_1" / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_one_loop_iteration_judged_by_the_answer_checker_alone(sft_model, data, tier, tmp_path):
+    """The built-in exact-answer checker as the only judge: every response's reward is the
+    checker's verdict on it, and each pair is a right answer over a wrong one."""
+    from rlhf_workflow.data.records import Rollout
+    from rlhf_workflow.reward.functions import exact_answer, record_of
+
+    out = tmp_path / "loop"
+    tier.run("loop", f"out={out}", "iterations=1", f"policy.path={sft_model}",
+             f"prompts.source={data / 'prompts_train.jsonl'}", "prompts.per_iteration=8",
+             "generate.sampling.n=4", "generate.sampling.max_new_tokens=24", "annotate.annotator.kind=function",
+             "annotate.annotator.function=rlhf_workflow.reward.functions:exact_answer",
+             "dpo.data.max_length=128", "dpo.optim.lr=1e-5", *tier.train_args(None, 4, 2, prefix="dpo.train"),
+             f"eval.prompts={data / 'prompts_eval.jsonl'}", "eval.limit=2", "eval.sampling.n=2",
+             "eval.sampling.max_new_tokens=16")
+    scored = [Rollout.model_validate(r) for r in read(out / "iter_1" / "scored.jsonl")]
+    assert all(ro.rewards == exact_answer(record_of(ro), ro.responses) for ro in scored)
+    right = {(ro.id, r) for ro in scored for r, x in zip(ro.responses, ro.rewards, strict=True) if x == 1.0}
+    pairs = read(out / "iter_1" / "pairs.jsonl")
+    assert pairs and all((p["id"], p["chosen"]) in right and (p["id"], p["rejected"]) not in right for p in pairs)
+    rows = json.loads((out / "summary.json").read_text())["iterations"]
+    assert math.isfinite(rows[1]["rm_reward"]) and math.isfinite(rows[1]["gold_reward"])  # the checker's, on held-out
