@@ -1,6 +1,7 @@
 """`rlhf loop` versus TRL's OnlineDPOTrainer on the sandbox: gold reward for the same samples, and time to it.
 
     python benchmarks/online_vs_trl.py [--seeds 0,1,2] [--judges gold,dpo] [--root runs/bench-online]
+    python benchmarks/online_vs_trl.py --iterations 12   # then: ours in 12 smaller iterations, the same samples
 
 Per seed, the default demo's set-up (``rlhf demo``'s stages: sandbox data, tiny policy, SFT, and
 the DPO judge its headline loop uses). Then, per judge (``gold``: the sandbox gold reward, an
@@ -55,26 +56,32 @@ def _demo(root: Path, seed: int):
     return cfg
 
 
-def _loop_config(root: Path, seed: int, judge: str):
+def _loop_config(root: Path, seed: int, judge: str, iterations: int = 3):
     cfg = _demo(root, seed).online.model_copy(deep=True)
     cfg.out = str(root / f"seed_{seed}" / f"ours_{judge}")
+    if iterations != cfg.iterations:  # the same 600 prompts in smaller slices, evaluated after each third
+        cfg.prompts.per_iteration = cfg.iterations * cfg.prompts.per_iteration // iterations
+        cfg.iterations, cfg.eval.every, cfg.out = iterations, iterations // 3, f"{cfg.out}_{iterations}"
     if judge == "gold":
         cfg.annotate.annotator = cfg.annotate.annotator.model_copy(update={"kind": "gold", "reference": None})
     return cfg
 
 
-def ours(root: Path, seed: int, judge: str) -> dict:
+def ours(root: Path, seed: int, judge: str, iterations: int = 3) -> dict:
     from rlhf_workflow.online.loop import run_loop
 
-    cfg = _loop_config(root, seed, judge)
+    cfg = _loop_config(root, seed, judge, iterations)
     run_loop(cfg)
     seconds = json.loads((Path(cfg.out) / "state.json").read_text())["completed"]
     train, points = 0.0, []
     for t in range(1, cfg.iterations + 1):
         train += sum(v for k, v in seconds.items() if k.startswith(f"iter_{t}/") and not k.endswith("/eval"))
+        if t % cfg.eval.every:
+            continue
         m = json.loads((Path(cfg.out) / f"iter_{t}" / "metrics.json").read_text())
-        points.append({"samples": t * SAMPLES_PER_CHECKPOINT, "train_s": train, "gold": m["gold_reward"],
-                       "gold_vs_sft": m["gold_vs_baseline"], "se": m["gold_vs_baseline_se"], "kl": m.get("kl")})
+        points.append({"samples": t * cfg.prompts.per_iteration * cfg.generate.sampling.n, "train_s": train,
+                       "gold": m["gold_reward"], "gold_vs_sft": m["gold_vs_baseline"],
+                       "se": m["gold_vs_baseline_se"], "kl": m.get("kl")})
     sft = json.loads((Path(cfg.out) / "iter_0" / "metrics.json").read_text())["gold_reward"]
     return {"sft_gold": sft, "points": points}
 
@@ -96,7 +103,7 @@ def trl_worker(root: Path, seed: int, judge: str) -> dict:
     data = Dataset.from_list([{"prompt": p.messages(), "meta_json": json.dumps(p.meta)} for p in prompts])
     sampling, dpo = cfg.generate.sampling, cfg.dpo
     per_step = dpo.train.global_batch_size
-    epochs = cfg.iterations * sampling.n // 2  # 2 samples a prompt: the loop's samples from its prompts
+    epochs = sampling.n // 2  # 2 samples a prompt: as many samples from the same prompts as the loop
     t_start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(sft)
     scorer = make_scorer(cfg.annotate.annotator)
@@ -125,7 +132,7 @@ def trl_worker(root: Path, seed: int, judge: str) -> dict:
     args = OnlineDPOConfig(
         output_dir=str(out), per_device_train_batch_size=per_step, gradient_accumulation_steps=1,
         num_train_epochs=epochs, learning_rate=dpo.optim.lr, lr_scheduler_type="cosine",
-        warmup_ratio=dpo.optim.warmup_ratio, adam_beta1=dpo.optim.betas[0], adam_beta2=dpo.optim.betas[1],
+        warmup_steps=dpo.optim.warmup_ratio, adam_beta1=dpo.optim.betas[0], adam_beta2=dpo.optim.betas[1],
         weight_decay=dpo.optim.weight_decay, max_grad_norm=dpo.optim.max_grad_norm, beta=[dpo.loss.beta],
         loss_type="sigmoid", max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_p=1.0, top_k=0, max_length=dpo.data.max_length + sampling.max_new_tokens,
@@ -142,7 +149,6 @@ def trl_worker(root: Path, seed: int, judge: str) -> dict:
 
 
 def trl(root: Path, seed: int, judge: str) -> dict:
-    from rlhf_workflow.config import ModelConfig
     from rlhf_workflow.evaluation.iteration import IterationEvalConfig, run_iteration_eval
 
     res = run_worker(__file__, "--worker", "--root", str(root), "--seeds", str(seed), "--judges", judge)
@@ -178,18 +184,23 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--judges", default="gold,dpo")
     p.add_argument("--root", default="runs/bench-online")
+    p.add_argument("--iterations", type=int, default=3, help="our loop's iterations over the same 600 prompts "
+                   "(evaluated after each third); other than 3: ours only, against the TRL runs in --root")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     root, seeds, judges = Path(args.root), [int(s) for s in args.seeds.split(",")], args.judges.split(",")
     if args.worker:
         print("RESULT " + json.dumps(trl_worker(root, seeds[0], judges[0])))
         return
-    results = {}
+    k = args.iterations
+    results, name = {}, "results.json" if k == 3 else f"results_{k}.json"
     for seed in seeds:
         for judge in judges:
-            o, t = ours(root, seed, judge), trl(root, seed, judge)
+            o = ours(root, seed, judge, k)
+            t = trl(root, seed, judge) if k == 3 else \
+                json.loads((root / "results.json").read_text())[f"seed_{seed}/{judge}"]["trl"]
             results[f"seed_{seed}/{judge}"] = {"ours": o, "trl": t, **compare(o, t)}
-            (root / "results.json").write_text(json.dumps(results, indent=1))
+            (root / name).write_text(json.dumps(results, indent=1))
             r = results[f"seed_{seed}/{judge}"]
             print(f"seed {seed} judge {judge}: SFT {r['sft_gold']:.3f}; final gold ours {r['final_gold']['ours']:.3f} "
                   f"TRL {r['final_gold']['trl']:.3f}; training s ours {r['train_s']['ours']:.0f} "
