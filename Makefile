@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
+# The main job's environment holds what it runs (no test tools, TRL or DeepSpeed, which
+# transformers would probe and announce); the test environment above adds the dev extra.
+RUN_VENV := .venv-run
+RUN_STAMP := $(RUN_VENV)/.installed
+
 .PHONY: demo test test-real test-vllm lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -19,8 +24,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/rlhf demo
+$(RUN_STAMP): pyproject.toml constraints.txt
+	test -d $(RUN_VENV) || $(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/pip install --quiet --upgrade pip
+	$(RUN_VENV)/bin/pip install --quiet -c constraints.txt -e .
+	touch $(RUN_STAMP)
+
+demo: $(RUN_STAMP)
+	$(RUN_VENV)/bin/rlhf demo
 
 test: $(STAMP)
 	$(BIN)/ruff check rlhf_workflow tests benchmarks
@@ -60,4 +71,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check rlhf_workflow tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .cache
+	rm -rf $(VENV) $(VLLM_VENV) $(RUN_VENV) runs .pytest_cache .cache
