@@ -72,7 +72,10 @@ def test_one_loop_iteration(sft_model, reward_model, data, tier, tmp_path):
 
 def test_one_loop_iteration_judged_by_the_answer_checker_alone(sft_model, data, tier, tmp_path):
     """The built-in exact-answer checker as the only judge: every response's reward is the
-    checker's verdict on it, and each pair is a right answer over a wrong one."""
+    checker's verdict on it, and each pair is a right answer over a wrong one; the iterations'
+    numbers reach TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from rlhf_workflow.data.records import Rollout
     from rlhf_workflow.reward.functions import exact_answer, record_of
 
@@ -83,7 +86,7 @@ def test_one_loop_iteration_judged_by_the_answer_checker_alone(sft_model, data, 
              "annotate.annotator.function=rlhf_workflow.reward.functions:exact_answer",
              "dpo.data.max_length=128", "dpo.optim.lr=1e-5", *tier.train_args(None, 4, 2, prefix="dpo.train"),
              f"eval.prompts={data / 'prompts_eval.jsonl'}", "eval.limit=2", "eval.sampling.n=2",
-             "eval.sampling.max_new_tokens=16")
+             "eval.sampling.max_new_tokens=16", "report_to=[tensorboard]")
     scored = [Rollout.model_validate(r) for r in read(out / "iter_1" / "scored.jsonl")]
     assert all(ro.rewards == exact_answer(record_of(ro), ro.responses) for ro in scored)
     right = {(ro.id, r) for ro in scored for r, x in zip(ro.responses, ro.rewards, strict=True) if x == 1.0}
@@ -91,3 +94,30 @@ def test_one_loop_iteration_judged_by_the_answer_checker_alone(sft_model, data, 
     assert pairs and all((p["id"], p["chosen"]) in right and (p["id"], p["rejected"]) not in right for p in pairs)
     rows = json.loads((out / "summary.json").read_text())["iterations"]
     assert math.isfinite(rows[1]["rm_reward"]) and math.isfinite(rows[1]["gold_reward"])  # the checker's, on held-out
+    events = EventAccumulator(str(out / out.name))
+    events.Reload()
+    for key in ("gold_reward", "rm_reward", "mean_tokens"):
+        assert {e.step: e.value for e in events.Scalars(key)} == pytest.approx(
+            {r["iteration"]: r[key] for r in rows}, rel=1e-6), key
+
+
+def test_win_rate_of_the_sft_model_against_the_instruct_model(sft_model, real_model, reward_model, data, tier,
+                                                               tmp_path):
+    """`rlhf eval winrate` with the BT judge: each pair's preference is sigmoid of the two rewards'
+    difference, the rewards computed here directly."""
+    from rlhf_workflow.reward.bt import load_reward_model, score
+
+    out = tmp_path / "winrate"
+    tier.run("eval", "winrate", f"policy.path={sft_model}", f"baseline.path={real_model}",
+             f"judge.path={reward_model}", "judge.max_length=128", f"prompts={data / 'prompts_eval.jsonl'}",
+             "sampling.n=2", "sampling.max_new_tokens=16", "bootstrap=100", f"out={out}")
+    result = json.loads((out / "winrate.json").read_text())
+    rows = read(out / "samples.jsonl")
+    prompts = {r["id"]: [{"role": "user", "content": r["prompt"]}] for r in read(data / "prompts_eval.jsonl")}
+    model, tok = load_reward_model(reward_model)
+    rewards = {side: score(model, tok, [prompts[r["id"]] for r in rows], [r[side] for r in rows],
+                           max_length=128, progress=False) for side in ("policy", "baseline")}
+    prefs = [1 / (1 + math.exp(b - a)) for a, b in zip(rewards["policy"], rewards["baseline"], strict=True)]
+    assert len(rows) == 8 and [r["preference"] for r in rows] == pytest.approx(prefs, abs=1e-5)
+    assert result["win_rate"] == pytest.approx(sum(prefs) / len(prefs), abs=1e-5)
+    assert math.isfinite(result["lc_win_rate"]) and result["win_rate_se"] > 0
