@@ -251,13 +251,13 @@ def _dpo_args(tiny_model, sandbox_data, out, *extra):
             "train.progress=false", "train.log_every=1", *extra]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
-def test_dpo_and_its_reference_pass_on_two_ranks_equal_one(strategy, tiny_model, sandbox_data, tmp_path):
-    """(DDP: by tokens, 2 ranks with several pairs packed into a row against 1 process by pairs.)"""
+@pytest.mark.parametrize("strategy, by_tokens", [("ddp", True), ("fsdp", False), ("zero3", False), ("zero3", True)])
+def test_dpo_and_its_reference_pass_on_two_ranks_equal_one(strategy, by_tokens, tiny_model, sandbox_data, tmp_path):
+    """(By tokens: 2 ranks with several pairs packed into a row against 1 process by pairs.)"""
     _needs(strategy)
     one, two = tmp_path / "one", tmp_path / strategy
     run_dpo(load_config(DPOConfig, None, _dpo_args(tiny_model, sandbox_data, one)))
-    tokens = ["train.micro_batch_tokens=400"] if strategy == "ddp" else []
+    tokens = ["train.micro_batch_tokens=400"] if by_tokens else []
     log = torchrun(["dpo"], _dpo_args(tiny_model, sandbox_data, two, f"train.strategy={strategy}", *tokens))
     assert f"computing log-probs of 400 pairs once, on {WORLD} process(es)" in log
     assert _world(two) == WORLD
