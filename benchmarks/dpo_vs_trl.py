@@ -111,6 +111,7 @@ def run_trl(model: str, pairs: str, out: str, extra: list[str], live_reference: 
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=42, bf16=False, dataloader_num_workers=0,
         precompute_ref_log_probs=not live_reference, precompute_ref_batch_size=32,
+        gradient_checkpointing=False,  # TRL defaults to recomputing activations; ours does not
     )
     t = time.perf_counter()
     trainer = DPOTrainer(model=model, args=args, train_dataset=data,

@@ -138,7 +138,7 @@ def trl_worker(root: Path, seed: int, judge: str) -> dict:
         top_p=1.0, top_k=0, max_length=dpo.data.max_length + sampling.max_new_tokens,
         save_strategy="steps", save_steps=SAMPLES_PER_CHECKPOINT // (2 * per_step), save_only_model=True,
         logging_steps=10, report_to="none", disable_tqdm=True, seed=seed, bf16=False, use_cpu=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, gradient_checkpointing=False,  # (TRL recomputes by default; ours does not)
     )
     torch.manual_seed(seed)
     trainer = OnlineDPOTrainer(

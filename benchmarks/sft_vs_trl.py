@@ -64,6 +64,7 @@ def run_trl(model: str, data: str, out: str) -> dict:
         packing=True, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=1,
         weight_decay=0.0, max_grad_norm=1.0, logging_steps=1000, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=42, bf16=False, dataloader_num_workers=0, assistant_only_loss=False,
+        gradient_checkpointing=False,  # TRL defaults to recomputing activations; ours does not
     )
     t = time.perf_counter()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
