@@ -206,10 +206,9 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutCo
         free(rm)
     elif annotator.kind == "function":
         from ..reward.functions import function_scorer
+        from .winrate import as_rollouts
 
-        per_prompt = function_scorer(annotator.function)([Rollout(
-            prompt=p.prompt, id=p.id, meta=p.meta, responses=[s.text for s in g],
-            finish_reasons=[s.finish_reason for s in g]) for p, g in zip(prompts, samples, strict=True)])
+        per_prompt = function_scorer(annotator.function)(as_rollouts(prompts, samples))
         out.update(rm_reward=_mean([r for g in per_prompt for r in g]), rm_best_of_n=_mean([max(g) for g in per_prompt]))
     out.update(_win_rate(prompts, samples, annotator, eval_cfg, seed, *against))
     if all(p.meta and "skill" in p.meta for p in prompts):
@@ -240,7 +239,7 @@ def _win_rate(prompts: list[Prompt], samples: list[list[Sample]], annotator, eva
     """Write the samples' texts to ``samples_out``; with ``eval.winrate``, the win rate against
     ``baseline``'s (the SFT policy's), judged by the annotator."""
     from ..errors import UserError
-    from .winrate import preferences, win_rates
+    from .winrate import length_differences, preferences, win_rates
 
     if samples_out and rank_and_world()[0] == 0:
         write_jsonl(samples_out, ({"id": p.id, "responses": [s.text for s in g],
@@ -252,10 +251,7 @@ def _win_rate(prompts: list[Prompt], samples: list[list[Sample]], annotator, eva
     if [r["id"] for r in rows] != [p.id for p in prompts]:
         raise UserError(f"{baseline}: the samples of other prompts than these {len(prompts)} held-out ones")
     base = [[Sample(t, why, 0) for t, why in zip(r["responses"], r["finish_reasons"], strict=True)] for r in rows]
-    prefs = preferences(annotator, prompts, samples, base)
-    length = [[len(a.text) - len(b.text) for a, b in zip(pa, pb, strict=True)]
-              for pa, pb in zip(samples, base, strict=True)]
-    r = win_rates(prefs, length, 1000, seed)
+    r = win_rates(preferences(annotator, prompts, samples, base), length_differences(samples, base), 1000, seed)
     return {"win_rate": r["win_rate"], "win_rate_se": r["win_rate_se"], "lc_win_rate": r["lc_win_rate"],
             "lc_win_rate_se": r["lc_win_rate_se"]}
 

@@ -62,8 +62,7 @@ def run_eval_winrate(cfg: WinRateConfig) -> dict:
         samples[side] = generate_hf(model, load_tokenizer(spec), messages, sampling)
         free(model)
     prefs = preferences(cfg.judge, prompts, samples["policy"], samples["baseline"])
-    length = [[len(a.text) - len(b.text) for a, b in zip(pa, pb, strict=True)]
-              for pa, pb in zip(samples["policy"], samples["baseline"], strict=True)]
+    length = length_differences(samples["policy"], samples["baseline"])
     result = {"policy": cfg.policy.path, "baseline": cfg.baseline.path, "judge": cfg.judge.kind,
               "prompts": len(prompts), "samples_per_prompt": sampling.n,
               **win_rates(prefs, length, cfg.bootstrap, cfg.seed)}
@@ -93,15 +92,23 @@ def preferences(judge: AnnotatorConfig, prompts: list[Prompt], policy: list[list
         free(model)
         return [[next(flat) for _ in pa] for pa in policy]
 
-    def rollouts(groups: list[list[Sample]]) -> list[Rollout]:
-        return [Rollout(prompt=p.prompt, id=p.id, meta=p.meta, responses=[s.text for s in g],
-                        finish_reasons=[s.finish_reason for s in g]) for p, g in zip(prompts, groups, strict=True)]
-
     scorer = make_scorer(judge)
-    ra, rb = scorer(rollouts(policy)), scorer(rollouts(baseline))
+    ra, rb = scorer(as_rollouts(prompts, policy)), scorer(as_rollouts(prompts, baseline))
     if judge.kind in ("bt", "dpo"):
         return [[1 / (1 + math.exp(b - a)) for a, b in zip(xa, xb, strict=True)] for xa, xb in zip(ra, rb, strict=True)]
     return [[0.5 + 0.5 * ((a > b) - (a < b)) for a, b in zip(xa, xb, strict=True)] for xa, xb in zip(ra, rb, strict=True)]
+
+
+def as_rollouts(prompts: list[Prompt], groups: list[list[Sample]]) -> list[Rollout]:
+    """Each prompt with its samples, as a judge scores them."""
+    return [Rollout(prompt=p.prompt, id=p.id, meta=p.meta, responses=[s.text for s in g],
+                    finish_reasons=[s.finish_reason for s in g]) for p, g in zip(prompts, groups, strict=True)]
+
+
+def length_differences(policy: list[list[Sample]], baseline: list[list[Sample]]) -> list[list[int]]:
+    """Characters of the policy's sample k minus the baseline's, per prompt."""
+    return [[len(a.text) - len(b.text) for a, b in zip(pa, pb, strict=True)]
+            for pa, pb in zip(policy, baseline, strict=True)]
 
 
 def lc_win_rate(prefs: list[float], length: list[float], ridge: float = 1e-7, steps: int = 100) -> float:
