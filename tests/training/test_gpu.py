@@ -1,8 +1,10 @@
-"""GPU-only checks (skipped without CUDA; run them with `pytest tests/training/test_gpu.py` on a
-GPU machine): attention gradients under bf16 stay finite once a training engine exists, and our
-bf16 DPO step (one process and FSDP2) trains fp32 weights from a first loss of log 2."""
+"""GPU checks (skipped without CUDA; run them with `pytest tests/training/test_gpu.py` on a GPU
+machine): attention gradients under bf16 stay finite once a training engine exists, and our bf16
+DPO step (one process and FSDP2) trains fp32 weights from a first loss of log 2.
+`RLHF_GPU_TESTS_ON_CPU=1` runs the DPO step's test on the CPU, to see it pass or fail without a GPU."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ import torch.nn.functional as F
 
 from rlhf_workflow.training.engine import Engine
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+on_cpu_too = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("RLHF_GPU_TESTS_ON_CPU") == "1"),
+                                reason="needs a CUDA GPU (or RLHF_GPU_TESTS_ON_CPU=1)")
 
 
 def _masked_attention_grad_is_finite() -> bool:
@@ -30,13 +34,14 @@ def _masked_attention_grad_is_finite() -> bool:
     return bool(torch.isfinite(q.grad).all())
 
 
+@needs_cuda
 def test_a_training_engine_keeps_bf16_attention_gradients_finite():
     Engine("single", "bf16", 0, 1, torch.device("cuda"))
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     assert _masked_attention_grad_is_finite()
 
 
-
+@on_cpu_too
 @pytest.mark.parametrize("strategy", ["single", "fsdp"])
 def test_bf16_dpo_on_a_gpu_trains_fp32_weights_from_log_2(strategy, tiny_model, sandbox_data, tmp_path):
     """Our DPO step on the GPU (one process, and FSDP2 on one rank through torchrun), bf16
@@ -61,8 +66,11 @@ def test_bf16_dpo_on_a_gpu_trains_fp32_weights_from_log_2(strategy, tiny_model, 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     losses = [r["loss"] for r in rows]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and len(losses) == 8
+    assert rows[0]["rewards/margin"] == 0.0  # (policy == reference, on the same batches)
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert sum(losses[-3:]) / 3 < losses[0]
+    if torch.cuda.is_available():  # (the training record has GPU memory only where it ran on the GPU)
+        assert "peak_memory_gib" in rows[-1]
     (trained,), (start,) = (list(p.glob("*.safetensors")) for p in (out / "model", tiny_model))
     trained, start = load_file(trained), load_file(start)
     assert all(t.dtype == torch.float32 for t in trained.values())
