@@ -72,7 +72,8 @@ class IterationEvalConfig(Config):
     baseline: str | None = Field(
         None, description="another policy's gold_out file (e.g. the SFT policy's): the gold reward's difference "
         "to it, paired by prompt, with its standard error")
-    samples_out: str | None = Field(None, description="JSONL file for the held-out responses (the SFT policy's: "
+    samples_out: str | None = Field(None, description="JSONL file for the held-out responses and, from a judge "
+                                    "with a reward per sample, their rewards (the SFT policy's: "
                                     "the win rate's baseline)")
     baseline_samples: str | None = Field(None, description="another policy's samples_out file: the win rate "
                                          "against it (with eval.winrate)")
@@ -202,15 +203,17 @@ def _held_out(policy: str, sft: str, model_cfg: ModelConfig, eval_cfg: HeldOutCo
         rewards = score(rm, rm_tok, flat_p, flat_r, annotator.batch_size, annotator.max_length, progress=False,
                         shard=shard)
         per_prompt = [rewards[i : i + sampling.n] for i in range(0, len(rewards), sampling.n)]
-        out.update(rm_reward=_mean(rewards), rm_best_of_n=_mean([max(g) for g in per_prompt]))
         free(rm)
     elif annotator.kind == "function":
         from ..reward.functions import function_scorer
         from .winrate import as_rollouts
 
         per_prompt = function_scorer(annotator.function)(as_rollouts(prompts, samples))
+    else:  # (a PM, gold or a combination: scored in the win rate, if asked)
+        per_prompt = None
+    if per_prompt is not None:
         out.update(rm_reward=_mean([r for g in per_prompt for r in g]), rm_best_of_n=_mean([max(g) for g in per_prompt]))
-    out.update(_win_rate(prompts, samples, annotator, eval_cfg, seed, *against))
+    out.update(_win_rate(prompts, samples, per_prompt, annotator, eval_cfg, seed, *against))
     if all(p.meta and "skill" in p.meta for p in prompts):
         gold = gold_metrics(prompts, samples)
         out.update(gold_reward=gold["gold_reward"], gold_reward_se=gold["gold_reward_se"], accuracy=gold["accuracy"],
@@ -234,24 +237,32 @@ def _paired(prompts: list[Prompt], golds: list[list[float]], gold_out: str | Non
     return {"gold_vs_baseline": d["diff"], "gold_vs_baseline_se": d["se"]}
 
 
-def _win_rate(prompts: list[Prompt], samples: list[list[Sample]], annotator, eval_cfg: HeldOutConfig, seed: int,
-              samples_out: str | None, baseline: str | None) -> dict:
-    """Write the samples' texts to ``samples_out``; with ``eval.winrate``, the win rate against
-    ``baseline``'s (the SFT policy's), judged by the annotator."""
+def _win_rate(prompts: list[Prompt], samples: list[list[Sample]], rewards: list[list[float]] | None, annotator,
+              eval_cfg: HeldOutConfig, seed: int, samples_out: str | None, baseline: str | None) -> dict:
+    """Write the samples' texts to ``samples_out``, with the judge's ``rewards`` where it gives
+    one per sample; with ``eval.winrate``, the win rate against ``baseline``'s (the SFT
+    policy's), judged by the annotator: from the stored rewards where both files hold the same
+    judge's, else by scoring both sides."""
     from ..errors import UserError
-    from .winrate import length_differences, preferences, win_rates
+    from . import winrate
 
+    judge = winrate.judge_identity(annotator)
     if samples_out and rank_and_world()[0] == 0:
         write_jsonl(samples_out, ({"id": p.id, "responses": [s.text for s in g],
-                                   "finish_reasons": [s.finish_reason for s in g]}
-                                  for p, g in zip(prompts, samples, strict=True)))
+                                   "finish_reasons": [s.finish_reason for s in g],
+                                   **({"rewards": rewards[i], "judge": judge} if rewards is not None else {})}
+                                  for i, (p, g) in enumerate(zip(prompts, samples, strict=True))))
     if not (eval_cfg.winrate and baseline):
         return {}
     rows = [row for _, row in iter_rows(baseline)]
     if [r["id"] for r in rows] != [p.id for p in prompts]:
         raise UserError(f"{baseline}: the samples of other prompts than these {len(prompts)} held-out ones")
     base = [[Sample(t, why, 0) for t, why in zip(r["responses"], r["finish_reasons"], strict=True)] for r in rows]
-    r = win_rates(preferences(annotator, prompts, samples, base), length_differences(samples, base), 1000, seed)
+    if rewards is not None and all(r.get("judge") == judge for r in rows):
+        prefs = winrate.reward_preferences(annotator.kind, rewards, [r["rewards"] for r in rows])
+    else:
+        prefs = winrate.preferences(annotator, prompts, samples, base)
+    r = winrate.win_rates(prefs, winrate.length_differences(samples, base), 1000, seed)
     return {"win_rate": r["win_rate"], "win_rate_se": r["win_rate_se"], "lc_win_rate": r["lc_win_rate"],
             "lc_win_rate_se": r["lc_win_rate_se"]}
 

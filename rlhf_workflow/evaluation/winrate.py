@@ -21,6 +21,7 @@ its lengths and preference) in ``out``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -93,10 +94,22 @@ def preferences(judge: AnnotatorConfig, prompts: list[Prompt], policy: list[list
         return [[next(flat) for _ in pa] for pa in policy]
 
     scorer = make_scorer(judge)
-    ra, rb = scorer(as_rollouts(prompts, policy)), scorer(as_rollouts(prompts, baseline))
-    if judge.kind in ("bt", "dpo"):
-        return [[1 / (1 + math.exp(b - a)) for a, b in zip(xa, xb, strict=True)] for xa, xb in zip(ra, rb, strict=True)]
-    return [[0.5 + 0.5 * ((a > b) - (a < b)) for a, b in zip(xa, xb, strict=True)] for xa, xb in zip(ra, rb, strict=True)]
+    return reward_preferences(judge.kind, scorer(as_rollouts(prompts, policy)), scorer(as_rollouts(prompts, baseline)))
+
+
+def reward_preferences(kind: str, policy: list[list[float]], baseline: list[list[float]]) -> list[list[float]]:
+    """The preference for each policy sample from the two samples' rewards under a judge of
+    ``kind``: sigmoid of the difference for a reward model (bt, dpo), else 1 / 0.5 / 0."""
+    if kind in ("bt", "dpo"):
+        return [[1 / (1 + math.exp(b - a)) for a, b in zip(xa, xb, strict=True)]
+                for xa, xb in zip(policy, baseline, strict=True)]
+    return [[0.5 + 0.5 * ((a > b) - (a < b)) for a, b in zip(xa, xb, strict=True)]
+            for xa, xb in zip(policy, baseline, strict=True)]
+
+
+def judge_identity(judge: AnnotatorConfig) -> str:
+    """A digest of a judge's settings: rewards stored under the same one are comparable."""
+    return hashlib.sha256(judge.model_dump_json().encode()).hexdigest()[:16]
 
 
 def as_rollouts(prompts: list[Prompt], groups: list[list[Sample]]) -> list[Rollout]:

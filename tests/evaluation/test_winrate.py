@@ -65,3 +65,29 @@ def test_eval_winrate_end_to_end_with_a_length_judge(tiny_model, sandbox_data, t
     assert [r["preference"] for r in rows] == hand
     assert result["win_rate"] == pytest.approx(sum(hand) / len(hand))
     assert result["lc_win_rate"] == pytest.approx(0.5, abs=0.05)  # only length moves this judge
+
+
+def test_the_loops_win_rate_reads_stored_rewards_of_the_same_judge_only(tmp_path, monkeypatch):
+    """The held-out evaluation keeps each sample's judge reward; a later policy's win rate
+    against those samples takes the baseline's rewards from the file when the same judge (the
+    same settings) wrote them, and scores both sides again when another did."""
+    from rlhf_workflow.data.records import Prompt
+    from rlhf_workflow.evaluation import iteration, winrate
+    from rlhf_workflow.generation.sampling import Sample
+    from rlhf_workflow.online.annotate import AnnotatorConfig
+
+    judge, cfg = AnnotatorConfig(path="nowhere/rm"), iteration.HeldOutConfig(prompts="unused", winrate=True)
+    prompts = [Prompt(prompt="a", id="0"), Prompt(prompt="b", id="1")]
+    base = tmp_path / "sft_samples.jsonl"
+    iteration._win_rate(prompts, [[Sample("x", "stop", 0)], [Sample("yyy", "stop", 0)]], [[0.0], [1.0]], judge, cfg,
+                        0, str(base), None)
+    assert [json.loads(x)["rewards"] for x in base.read_text().splitlines()] == [[0.0], [1.0]]
+    calls = []
+    monkeypatch.setattr(winrate, "preferences", lambda *a: calls.append(a) or [[0.5], [0.5]])
+    samples = [[Sample("xx", "stop", 0)], [Sample("y", "stop", 0)]]
+    got = iteration._win_rate(prompts, samples, [[2.0], [0.0]], judge, cfg, 0, None, str(base))
+    sigmoid = [1 / (1 + math.exp(-z)) for z in (2.0 - 0.0, 0.0 - 1.0)]
+    assert got["win_rate"] == pytest.approx(sum(sigmoid) / 2) and not calls
+    other = judge.model_copy(update={"max_length": 512})
+    assert iteration._win_rate(prompts, samples, [[2.0], [0.0]], other, cfg, 0, None, str(base))["win_rate"] == 0.5
+    assert len(calls) == 1

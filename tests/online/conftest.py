@@ -19,6 +19,6 @@ def loop_cfg(tiny_model, sandbox_data, trained_rm):
             "annotate.annotator.max_length=256", "annotate.chunk_size=4",
             "dpo.data.max_length=96", "dpo.optim.lr=1e-3", "dpo.train.epochs=1", "dpo.train.global_batch_size=4",
             "dpo.train.progress=false", "dpo.train.save_every=1",
-            f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}", "eval.limit=6", "eval.sampling.n=2",
+            f"eval.prompts={sandbox_data / 'prompts_eval.jsonl'}", "eval.limit=6", "eval.sampling.n=2", "eval.winrate=true",
             "eval.sampling.max_new_tokens=10", *extra])
     return make

@@ -1,6 +1,7 @@
 """`rlhf loop` end to end on tiny models: files, resume after failures, config changes, prompt slices."""
 
 import json
+import math
 import re
 import sys
 import tracemalloc
@@ -27,6 +28,7 @@ from rlhf_workflow.online.loop import (
     _slice_prompts,
     run_loop,
 )
+from rlhf_workflow.reward.bt import load_reward_model, score
 
 FILES = ["prompts.jsonl", "rollouts.jsonl", "scored.jsonl", "pairs.jsonl", "metrics.json"]
 
@@ -44,7 +46,7 @@ def full_run(loop_cfg, tmp_path_factory):
     return out, summary
 
 
-def test_two_iterations_end_to_end(full_run, sandbox_data):
+def test_two_iterations_end_to_end(full_run, sandbox_data, trained_rm):
     out, summary = full_run
     assert [r["iteration"] for r in summary["iterations"]] == [0, 1, 2]
     for t in (1, 2):
@@ -76,6 +78,17 @@ def test_two_iterations_end_to_end(full_run, sandbox_data):
     diffs = [(sum(a["gold"]) - sum(b["gold"])) / 2 for a, b in zip(gold[2], gold[0], strict=True)]
     assert rows[2]["gold_vs_baseline"] == pytest.approx(sum(diffs) / 6)
     assert "gold_vs_baseline" not in rows[0]
+    # the held-out samples keep the judge's reward of each (rm_reward is their mean), and the win
+    # rate against SFT is the mean of sigmoid(r_policy - r_sft) from them, sample k against sample k
+    held = {t: _jsonl(out / f"iter_{t}" / "eval_samples.jsonl") for t in (0, 2)}
+    rm, rm_tok = load_reward_model(trained_rm, "fp32")
+    texts = [r for row in held[2] for r in row["responses"]]
+    assert [x for row in held[2] for x in row["rewards"]] == pytest.approx(
+        score(rm, rm_tok, [prompts[i // 2] for i in range(12)], texts, max_length=256, progress=False), abs=1e-5)
+    assert rows[2]["rm_reward"] == pytest.approx(sum(x for row in held[2] for x in row["rewards"]) / 12)
+    prefs = [1 / (1 + math.exp(b - a)) for pa, pb in zip(held[2], held[0], strict=True)
+             for a, b in zip(pa["rewards"], pb["rewards"], strict=True)]
+    assert rows[2]["win_rate"] == pytest.approx(sum(prefs) / 12) and "win_rate" not in rows[0]
     state = json.loads((out / "state.json").read_text())["completed"]
     assert len(state) == 1 + 2 * 6
     table = (out / "summary.md").read_text()
@@ -287,11 +300,10 @@ def test_an_iteration_judged_by_a_reward_model_plus_the_answer_checker(loop_cfg,
     the SFT policy's, each pair won when the judge scores it higher."""
     from rlhf_workflow.data.records import Rollout
     from rlhf_workflow.online.annotate import make_scorer
-    from rlhf_workflow.reward.bt import load_reward_model, score
     from rlhf_workflow.reward.functions import exact_answer, record_of
 
     checker = "rlhf_workflow.reward.functions:exact_answer"
-    cfg = loop_cfg(tmp_path, "iterations=1", "eval.winrate=true", "eval.kl=false", "annotate.annotator.path=unused",
+    cfg = loop_cfg(tmp_path, "iterations=1", "eval.kl=false", "annotate.annotator.path=unused",
                    f'annotate.annotator.combine=[{{kind: bt, path: "{trained_rm}", max_length: 256, weight: 2.0}}, '
                    f'{{kind: function, function: "{checker}", weight: 0.5}}]')
     run_loop(cfg)
