@@ -101,7 +101,7 @@ def reward_preferences(kind: str, policy: list[list[float]], baseline: list[list
     """The preference for each policy sample from the two samples' rewards under a judge of
     ``kind``: sigmoid of the difference for a reward model (bt, dpo), else 1 / 0.5 / 0."""
     if kind in ("bt", "dpo"):
-        return [[1 / (1 + math.exp(b - a)) for a, b in zip(xa, xb, strict=True)]
+        return [[0.5 + 0.5 * math.tanh((a - b) / 2) for a, b in zip(xa, xb, strict=True)]  # (sigmoid, no overflow)
                 for xa, xb in zip(policy, baseline, strict=True)]
     return [[0.5 + 0.5 * ((a > b) - (a < b)) for a, b in zip(xa, xb, strict=True)]
             for xa, xb in zip(policy, baseline, strict=True)]
