@@ -100,11 +100,12 @@ def preferences(judge: AnnotatorConfig, prompts: list[Prompt], policy: list[list
 def reward_preferences(kind: str, policy: list[list[float]], baseline: list[list[float]]) -> list[list[float]]:
     """The preference for each policy sample from the two samples' rewards under a judge of
     ``kind``: sigmoid of the difference for a reward model (bt, dpo), else 1 / 0.5 / 0."""
-    if kind in ("bt", "dpo"):
-        return [[0.5 + 0.5 * math.tanh((a - b) / 2) for a, b in zip(xa, xb, strict=True)]  # (sigmoid, no overflow)
-                for xa, xb in zip(policy, baseline, strict=True)]
-    return [[0.5 + 0.5 * ((a > b) - (a < b)) for a, b in zip(xa, xb, strict=True)]
-            for xa, xb in zip(policy, baseline, strict=True)]
+    def prefer(a: float, b: float) -> float:
+        if kind in ("bt", "dpo"):
+            return 0.5 + 0.5 * math.tanh((a - b) / 2)  # (sigmoid(a - b), without overflow)
+        return 0.5 + 0.5 * ((a > b) - (a < b))
+
+    return [[prefer(a, b) for a, b in zip(xa, xb, strict=True)] for xa, xb in zip(policy, baseline, strict=True)]
 
 
 def judge_identity(judge: AnnotatorConfig) -> str:
